@@ -1,0 +1,83 @@
+"""Calibration: running reductions over the inputs of quantized Linears, kept in forward hooks.
+
+Activations are never stored: each hook folds its batch into a running maximum.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from .errors import NonFiniteActivationError
+from .numerics import percentile_absmax
+
+log = logging.getLogger(__name__)
+
+Reducer = Callable[[torch.Tensor], torch.Tensor]  # x (..., in_features) -> statistic
+
+
+def per_channel_absmax(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()  # (in_features,)
+
+
+def per_tensor_absmax(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().abs().amax().float()  # ()
+
+
+def per_tensor_percentile(pct: float) -> Reducer:
+    return lambda x: percentile_absmax(x, pct)
+
+
+@contextmanager
+def _hooks(model: torch.nn.Module, names: Iterable[str], reducer: Reducer,
+           stats: dict[str, torch.Tensor]) -> Iterator[None]:
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+
+        def hook(_m, args, _name=name):
+            x = args[0]
+            if not torch.isfinite(x).all():
+                raise NonFiniteActivationError(
+                    f"NaN or Inf in the input of {_name} during calibration; the model overflows on this "
+                    "text in float32 (check the model weights, or use other calibration text)")
+            val = reducer(x)
+            prev = stats.get(_name)
+            stats[_name] = val if prev is None else torch.maximum(prev, val)
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _forward_body(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder without the LM head: calibration needs no logits, and the head is the largest GEMM."""
+    get = getattr(model, "get_decoder", None)
+    try:
+        return get() if get is not None else model
+    except (AttributeError, NotImplementedError):
+        return model
+
+
+@torch.no_grad()
+def collect(model: torch.nn.Module, names: list[str], windows: torch.Tensor, reducer: Reducer,
+            batch_size: int = 4, progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
+    """Run ``windows`` (num, seq_len) through the model; return ``{name: running max of reducer}``."""
+    stats: dict[str, torch.Tensor] = {}
+    body = _forward_body(model)
+    with _hooks(model, names, reducer, stats):
+        for i in range(0, windows.shape[0], batch_size):
+            batch = windows[i: i + batch_size]
+            body(input_ids=batch, use_cache=False)
+            if progress is not None:
+                progress(batch.shape[0])
+    missing = [n for n in names if n not in stats]
+    if missing:
+        raise RuntimeError(f"calibration hooks never fired for {missing[:3]}...; the architecture row "
+                           "names modules the forward pass does not call")
+    return stats

@@ -1,0 +1,72 @@
+"""ONNX Runtime engines: an optimized model saved as this backend's engine artifact.
+
+The saved engine is the graph after ORT's extended optimizations (Q/DQ MatMuls fused into
+MatMulIntegerToFloat / QGemm on the CPU provider). ORT_ENABLE_ALL adds hardware-specific layout
+changes that are not portable, so they are applied when the engine is loaded, not saved.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from .artifacts import atomic_path
+from .export import load_onnx
+
+log = logging.getLogger(__name__)
+
+
+def providers(device: str = "auto") -> list[str]:
+    """``cpu``, ``cuda`` or ``auto`` (CUDA when onnxruntime-gpu and a GPU are present)."""
+    import onnxruntime as ort
+
+    avail = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in avail:
+            from .errors import BackendUnavailableError
+
+            raise BackendUnavailableError(f"CUDA was requested but onnxruntime offers {avail}; install "
+                                          "onnxruntime-gpu (pip install 'sq2trt[gpu]') on a machine with an "
+                                          "NVIDIA GPU, or use --device cpu")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
+
+
+def session(path: str | os.PathLike, *, device: str = "auto", threads: int = 0, optimize: bool = True):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=providers(device))
+
+
+def build_ort_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *,
+                     device: str = "auto") -> dict[str, Any]:
+    """Optimize ``onnx_path`` with ONNX Runtime and save the result to ``engine_path``."""
+    import onnxruntime as ort
+
+    load_onnx(onnx_path, load_external_data=False)  # clear error on a corrupt input
+    engine_path = Path(engine_path)
+    with atomic_path(engine_path) as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(tmp)
+        so.log_severity_level = 3
+        if Path(str(onnx_path) + ".data").exists():
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                        engine_path.name + ".data")
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                        "1024")
+        ort.InferenceSession(str(onnx_path), so, providers=providers(device))
+    ops: dict[str, int] = {}
+    for n in load_onnx(engine_path, load_external_data=False).graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return {"backend": "ort", "onnxruntime": ort.__version__, "providers": providers(device),
+            "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}

@@ -1,0 +1,267 @@
+"""ONNX export: the floating-point reference graph, then Q/DQ inserted into that same graph.
+
+The reference comes from ``torch.onnx.export(dynamo=True)`` with dynamic batch and sequence axes.
+Every GEMM node carries its module path in ``namespace`` metadata, which is how a plan entry
+(``model.layers.3.mlp.down_proj``) finds its node. Q/DQ follow TensorRT's rules (DESIGN.md):
+constant scales > 0, zero point 0, activations per-tensor on GEMM inputs only, weights as INT8
+initializers -> DequantizeLinear -> MatMul/Gemm.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from .errors import OnnxInputError, OutputDirError
+from .numerics import int8_scale, quantize
+from .plan import GemmQuant
+
+log = logging.getLogger(__name__)
+
+INPUT, OUTPUT = "input_ids", "logits"
+WRAPPER = "m"  # attribute name of the HF model inside the export wrapper
+MAX_IR_VERSION = 10  # onnxruntime 1.31 loads IR <= 13; onnx 1.23 writes 14 unless told
+TWO_GB = 2 * 1024**3
+
+
+class LogitsOnly(torch.nn.Module):
+    """Export wrapper: input_ids -> logits, no KV cache. Must be in eval mode itself (dropout)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.m(input_ids=input_ids, use_cache=False).logits
+
+
+def export_reference(model: torch.nn.Module, path: str | os.PathLike, *, opset: int = 21,
+                     vocab: int | None = None) -> None:
+    """Export ``model`` to ``path`` (input_ids [batch, seq] -> logits [batch, seq, vocab])."""
+    wrapper = LogitsOnly(model).eval()
+    vocab = vocab or int(model.config.vocab_size)
+    example = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    dims = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("sequence", min=2, max=65536)}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapper, (example,), None, input_names=[INPUT], output_names=[OUTPUT],
+                                    opset_version=opset, dynamo=True, dynamic_shapes={"input_ids": dims},
+                                    verbose=False)
+    proto = program.model_proto
+    save_onnx(proto, path)
+
+
+def check_against_torch(model: torch.nn.Module, onnx_path: str | os.PathLike, shape=(3, 21)) -> float:
+    """Relative max error of the ONNX logits vs PyTorch at a shape other than the traced one."""
+    import onnxruntime as ort
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, int(model.config.vocab_size), shape, generator=g)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = sess.run([OUTPUT], {INPUT: ids.numpy()})[0]
+    with torch.no_grad():
+        ref = LogitsOnly(model).eval()(ids).numpy()
+    return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12))
+
+
+# --------------------------------------------------------------------------- load / save
+def load_onnx(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
+    p = Path(path)
+    if not p.is_file():
+        raise OnnxInputError(f"ONNX file not found: {p}")
+    try:
+        model = onnx.load(str(p), load_external_data=load_external_data)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError, onnx raises others
+        raise OnnxInputError(f"{p} is not a readable ONNX model ({type(exc).__name__}: {exc}); it may be "
+                             "truncated or corrupt: rerun the export step") from None
+    if not model.graph.node:
+        raise OnnxInputError(f"{p} holds no graph (empty or truncated file); rerun the export step")
+    return model
+
+
+def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write atomically; weights go to ``<name>.data`` when the model is over 2 GB."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmpdir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+    except OSError as exc:
+        raise OutputDirError(f"cannot write to {path.parent}: {exc}; choose a writable --out") from None
+    model.ir_version = min(model.ir_version or MAX_IR_VERSION, MAX_IR_VERSION)
+    try:
+        external = model.ByteSize() > TWO_GB - 64 * 1024**2
+    except ValueError:  # protobuf refuses to size > 2 GB messages
+        external = True
+    data_name = path.name + ".data"
+    try:
+        onnx.save_model(model, str(tmpdir / path.name), save_as_external_data=external,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        stale = path.parent / data_name
+        if (tmpdir / data_name).exists():
+            os.replace(tmpdir / data_name, stale)
+        elif stale.exists():
+            stale.unlink()
+        os.replace(tmpdir / path.name, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- GEMM nodes by module
+def _module_paths(node: onnx.NodeProto) -> list[str]:
+    """Module qualnames (outermost first, wrapper prefix removed) from the exporter's metadata."""
+    md = {p.key: p.value for p in node.metadata_props}
+    ns = md.get("namespace", "")
+    out = []
+    for part in ns.split("/"):
+        name = part.split(":", 1)[0].strip()
+        if name == WRAPPER or not name.startswith(WRAPPER + "."):
+            continue
+        out.append(name[len(WRAPPER) + 1:])
+    return out
+
+
+def gemm_nodes(model: onnx.ModelProto, modules: list[str], *, strict: bool = True) -> dict[str, str]:
+    """``{module name: node name}`` for the MatMul/Gemm of each Linear in ``modules``."""
+    wanted = set(modules)
+    found: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        paths = [p for p in _module_paths(node) if p in wanted]
+        if paths:
+            mod = paths[-1]
+            if mod in found:
+                raise OnnxInputError(f"two GEMM nodes ({found[mod]}, {node.name}) belong to {mod}")
+            found[mod] = node.name
+    missing = [m for m in modules if m not in found]
+    if missing and strict:
+        raise OnnxInputError(f"no GEMM node found for {missing[:3]} (of {len(missing)}) in the exported "
+                             "graph; was it exported by sq2trt's reference export?")
+    return found
+
+
+def refresh_weights(base: onnx.ModelProto, model: torch.nn.Module) -> onnx.ModelProto:
+    """A copy of ``base`` (exported from this model's architecture) carrying ``model``'s current
+    weights: smoothing changes values, never the graph, so a 2-minute re-export becomes a copy.
+
+    Parameters stored under their own name are replaced directly; the GEMM weights, which the
+    exporter constant-folds into transposed initializers, are found through the node metadata.
+    Callers must verify the result against PyTorch (:func:`check_against_torch`).
+    """
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(base)
+    params = {f"{WRAPPER}.{k}": v for k, v in model.state_dict().items()}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    by_node = {v: k for k, v in gemm_nodes(out, list(linears), strict=False).items()}
+    new: dict[str, np.ndarray] = {}
+    for node in out.graph.node:
+        mod = by_node.get(node.name)
+        if mod is None:
+            continue
+        w = linears[mod].weight.detach().float()
+        trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        new[node.input[1]] = (w if trans_b else w.t()).contiguous().numpy()
+    for i, init in enumerate(out.graph.initializer):
+        val = new.get(init.name)
+        if val is None and init.name in params:
+            val = params[init.name].detach().float().numpy()
+        if val is not None:
+            if tuple(init.dims) != val.shape:
+                raise OnnxInputError(f"initializer {init.name} has shape {tuple(init.dims)}, model has "
+                                     f"{val.shape}: the base export is from another model")
+            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(val.astype(np.float32), init.name))
+    return out
+
+
+# --------------------------------------------------------------------------- Q/DQ insertion
+def insert_qdq(ref: onnx.ModelProto, plan: dict[str, GemmQuant], *, level: str,
+               metadata: dict[str, Any] | None = None) -> onnx.ModelProto:
+    """Return a copy of ``ref`` with Q/DQ on both inputs of every planned GEMM.
+
+    Activation: x -> QuantizeLinear(scale, zp=0) -> DequantizeLinear -> GEMM input A (one pair per
+    distinct input tensor). Weight: INT8 initializer -> DequantizeLinear(axis = output-channel
+    axis of the constant as stored) -> GEMM input B.
+    """
+    import onnx_graphsurgeon as gs
+
+    nodes = gemm_nodes(ref, list(plan))
+    graph = gs.import_onnx(ref)
+    by_name = {n.name: n for n in graph.nodes}
+    act_cache: dict[tuple[str, float], Any] = {}
+    for module, q in plan.items():
+        node = by_name[nodes[module]]
+        safe = module.replace(".", "_")
+        # -- weight: constant B, stored [K, N] (MatMul, Gemm transB=0) or [N, K] (Gemm transB=1)
+        w = node.inputs[1]
+        if not isinstance(w, gs.Constant):
+            raise OnnxInputError(f"{node.name} ({module}): weight input is not a constant")
+        trans_b = node.op == "Gemm" and int(node.attrs.get("transB", 0)) == 1
+        out_axis = 0 if trans_b else 1
+        wt = torch.from_numpy(np.ascontiguousarray(w.values, dtype=np.float32))
+        if q.weight_per_channel:
+            scale = int8_scale(wt.abs().amax(dim=1 - out_axis))  # (N,)
+            bshape = (-1, 1) if out_axis == 0 else (1, -1)
+            wq = quantize(wt, scale.view(bshape))
+            attrs = {"axis": out_axis}
+        else:
+            scale = int8_scale(wt.abs().amax())
+            wq = quantize(wt, scale)
+            attrs = {}
+        wq_c = gs.Constant(f"{safe}.weight_int8", wq.numpy())
+        ws_c = gs.Constant(f"{safe}.weight_scale", scale.numpy().astype(np.float32))
+        wz_c = gs.Constant(f"{safe}.weight_zp", np.zeros(scale.shape, dtype=np.int8))
+        w_dq = gs.Variable(f"{safe}.weight_dq", dtype=np.float32, shape=list(wq.shape))
+        graph.nodes.append(gs.Node("DequantizeLinear", f"{safe}/weight/DequantizeLinear",
+                                   attrs=attrs, inputs=[wq_c, ws_c, wz_c], outputs=[w_dq]))
+        node.inputs[1] = w_dq
+        # -- activation: static per-tensor
+        if q.act_amax is not None:
+            x = node.inputs[0]
+            key = (x.name, q.act_amax)
+            if key not in act_cache:
+                s = int8_scale(q.act_amax).numpy().astype(np.float32)
+                sc = gs.Constant(f"{safe}.input_scale", s)
+                zp = gs.Constant(f"{safe}.input_zp", np.zeros((), dtype=np.int8))
+                xq = gs.Variable(f"{safe}.input_q", dtype=np.int8, shape=x.shape)
+                xdq = gs.Variable(f"{safe}.input_dq", dtype=np.float32, shape=x.shape)
+                graph.nodes.append(gs.Node("QuantizeLinear", f"{safe}/input/QuantizeLinear",
+                                           inputs=[x, sc, zp], outputs=[xq]))
+                graph.nodes.append(gs.Node("DequantizeLinear", f"{safe}/input/DequantizeLinear",
+                                           inputs=[xq, sc, zp], outputs=[xdq]))
+                act_cache[key] = xdq
+            node.inputs[0] = act_cache[key]
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    out.ir_version = min(ref.ir_version, MAX_IR_VERSION)
+    del out.opset_import[:]
+    out.opset_import.extend(ref.opset_import)
+    meta = {"sq2trt.level": level, "sq2trt.quantized_gemms": json.dumps([nodes[m] for m in plan]),
+            "sq2trt.gemm_modules": json.dumps({nodes[m]: m for m in plan}),
+            "sq2trt.quantize_bmm": "false"}
+    meta.update({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()})
+    set_metadata(out, meta)
+    return out
+
+
+def set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
+    kept = [p for p in model.metadata_props if p.key not in meta]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+
+
+def get_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}

