@@ -298,11 +298,11 @@ def _const_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
     return None if values is None else tuple(values.shape)
 
 
-def _as_float(values: np.ndarray) -> np.ndarray:
+def _as_float(values: np.ndarray) -> np.ndarray | None:
     try:
-        return np.asarray(values).astype(np.float64)
+        return np.asarray(values).astype(np.float64).reshape(-1)
     except (TypeError, ValueError):
-        return np.asarray(values, dtype=object).astype(np.float64)
+        return None
 
 
 def _q_output_dtype(q: gs.Node) -> tuple[int | None, bool]:
@@ -678,9 +678,9 @@ def _check_scale_positive(ctx: _Context) -> Iterator[Finding]:
     reported: set[int] = set()
     for node in ctx.qdq_nodes:
         values = _const_values(node.inputs[1])
-        if values is None:
+        flat = None if values is None else _as_float(values)
+        if flat is None:
             continue
-        flat = _as_float(values).reshape(-1)
         bad = ~np.isfinite(flat) | ~(flat > 0)
         if not bad.any() or _pair_key(node) in reported:
             continue
@@ -706,9 +706,9 @@ def _check_zero_point(ctx: _Context) -> Iterator[Finding]:
         if zp is None:
             continue
         values = _const_values(zp)
-        if values is None:
+        flat = None if values is None else _as_float(values)
+        if flat is None:
             continue
-        flat = _as_float(values).reshape(-1)
         if not np.any(flat != 0) or _pair_key(node) in reported:
             continue
         reported.add(_pair_key(node))
@@ -827,7 +827,8 @@ def _check_qoperator_ops(ctx: _Context) -> Iterator[Finding]:
             )
 
 
-def _per_channel_axis_findings(ctx: _Context, dq: gs.Node) -> Iterator[Finding]:
+def _weight_axis_findings(dq: gs.Node) -> Iterator[Finding]:
+    """wrong-axis findings for one weight DequantizeLinear (per-channel axis or block axis)."""
     scale_shape = _const_shape(dq.inputs[1])
     rank = _rank_of(dq.inputs[0])
     if scale_shape is None or rank is None or rank < 2:
@@ -849,7 +850,7 @@ def _per_channel_axis_findings(ctx: _Context, dq: gs.Node) -> Iterator[Finding]:
                 _label(dq),
                 f"per-channel weight DequantizeLinear has axis={axis}, but {gemm} reads the "
                 f"weight's output channels from axis {out_axis} of the DQ output, so the scales "
-                f"would run along the reduction dimension. Set axis={out_axis} (axis=1 for a [K, N] "
+                f"do not follow the output channels. Set axis={out_axis} (axis=1 for a [K, N] "
                 "MatMul B input; axis=0 for a [N, K] weight followed by Transpose or Gemm transB=1).",
             )
             return
@@ -883,17 +884,17 @@ def _check_axes(ctx: _Context) -> Iterator[Finding]:
                 )
     for node in ctx.qdq_nodes:
         if node.op == _DQ and _is_weight_qdq(node):
-            yield from _per_channel_axis_findings(ctx, node)
+            yield from _weight_axis_findings(node)
 
 
 @_rule("block-scale-on-int8")
 def _check_block_int8(ctx: _Context) -> Iterator[Finding]:
     """TensorRT supports block-wise (blocked) scales for INT4 weights only, not for INT8."""
     for node in _unique_pairs(ctx.qdq_nodes):
-        members = [node] + [
-            c for c in node.outputs[0].outputs if node.op == _Q and c.op == _DQ
-        ]
-        if not any(_is_blocked(m) for m in members):
+        pair = [node]
+        if node.op == _Q:
+            pair += [c for c in node.outputs[0].outputs if c.op == _DQ]
+        if not any(_is_blocked(m) for m in pair):
             continue
         dtype = _quant_dtype(node)
         if dtype in _INT8_TYPES:

@@ -307,6 +307,65 @@ def test_good_variants_pass_clean(variant):
     assert report.findings == (), str(report)
 
 
+def _opset13() -> onnx.ModelProto:
+    model = make_mlp()
+    model.opset_import[0].version = 13
+    return model
+
+
+def _per_tensor_weights() -> onnx.ModelProto:
+    model = make_mlp()
+    for layer in ("fc1", "fc2"):
+        set_attr(model, f"{layer}_w_dq", "axis", 1)
+        set_init(model, f"{layer}_w_scale", np.array(0.02, np.float32))
+        set_init(model, f"{layer}_w_zp", np.array(0, np.int8))
+    return model
+
+
+def _float_weight_qdq() -> onnx.ModelProto:
+    """fp32 weight initializer -> Q(axis=1) -> DQ(axis=1) -> MatMul (pytorch-quantization style)."""
+    model = make_mlp()
+    p = _params()
+    set_init(model, "fc2_w_f", p["fc2_w_q"].astype(np.float32) * p["fc2_w_scale"])
+    dq = node(model, "fc2_w_dq")
+    dq.input[0] = "fc2_w_fq"
+    pos = list(model.graph.node).index(dq)
+    model.graph.node.insert(pos, helper.make_node(
+        "QuantizeLinear", ["fc2_w_f", "fc2_w_scale", "fc2_w_zp"], ["fc2_w_fq"], name="fc2_w_q", axis=1))
+    return model
+
+
+def _shared_qdq() -> onnx.ModelProto:
+    """One activation Q/DQ and one weight DQ feeding two MatMuls (q/k/v-style sharing)."""
+    model = make_mlp(metadata=_metadata(gemms=["fc1", "fc1_twin", "fc2"]))
+    model.graph.node.append(helper.make_node("MatMul", ["fc1_xdq", "fc1_w"], ["twin"], name="fc1_twin"))
+    model.graph.output.append(helper.make_tensor_value_info("twin", TensorProto.FLOAT, [2, 3, D_HID]))
+    return model
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param(_opset13, id="opset13"),
+        pytest.param(_per_tensor_weights, id="per-tensor-weights"),
+        pytest.param(_float_weight_qdq, id="float-weight-q-dq"),
+        pytest.param(_shared_qdq, id="shared-qdq"),
+    ],
+)
+def test_more_good_variants_pass_clean_and_run(variant):
+    model = variant()
+    assert lint_model(model).findings == (), str(lint_model(model))
+    x = np.random.default_rng(7).standard_normal((2, 3, D_IN)).astype(np.float32)
+    run_ort(model, {"x": x})
+
+
+def test_lint_does_not_need_tensorrt():
+    import sys
+
+    lint_model(make_mlp())
+    assert "tensorrt" not in sys.modules
+
+
 def test_good_variants_run_in_onnxruntime():
     x = np.random.default_rng(6).standard_normal((2, 3, D_IN)).astype(np.float32)
     (y,) = run_ort(make_mlp(weight_layout="NK"), {"x": x})
