@@ -115,13 +115,21 @@ def decoder_layers(model: Any, arch: Arch):
     return obj
 
 
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a module name is selected by a fallback entry: the full name, a suffix on a dot
+    boundary (``layers.3.mlp.down_proj``, ``mlp.down_proj``), or a glob (``*.down_proj``)."""
+    import fnmatch
+
+    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
 def quantized_linear_names(model: Any, arch: Arch, skip: tuple[str, ...] = ()) -> list[str]:
-    """Fully qualified names of every Linear to quantize, in model order, minus any whose name
-    ends with one of ``skip`` (the floating-point fallback list)."""
+    """Fully qualified names of every Linear to quantize, in model order, minus those selected by
+    ``skip`` (the floating-point fallback list, see :func:`matches`)."""
     out = []
     for i, _ in enumerate(decoder_layers(model, arch)):
         for g in arch.gemms:
             name = f"{arch.layers}.{i}.{g}"
-            if not any(name.endswith(s) for s in skip):
+            if not matches(name, skip):
                 out.append(name)
     return out

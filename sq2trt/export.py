@@ -173,7 +173,26 @@ def refresh_weights(base: onnx.ModelProto, model: torch.nn.Module) -> onnx.Model
         w = linears[mod].weight.detach().float()
         trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
         new[node.input[1]] = (w if trans_b else w.t()).contiguous().numpy()
-    for i, init in enumerate(out.graph.initializer):
+    # The exporter deduplicates equal constants (a random model's norms are all ones), so one
+    # initializer named after the first parameter may feed every norm. Resolve each consumer's
+    # parameter from its own module path, and give each distinct parameter its own initializer.
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in out.graph.node:
+        for k, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, k))
+    inits = {init.name: init for init in out.graph.initializer}
+    for name in [n for n in inits if n in params]:
+        attr = name.rsplit(".", 1)[-1]
+        for node, k in consumers.get(name, []):
+            owner = next((f"{WRAPPER}.{m}.{attr}" for m in reversed(_module_paths(node))
+                          if f"{WRAPPER}.{m}.{attr}" in params), name)
+            if owner != name:
+                if owner not in inits:
+                    inits[owner] = out.graph.initializer.add(name=owner)
+                    inits[owner].CopyFrom(inits[name])
+                    inits[owner].name = owner
+                node.input[k] = owner
+    for init in out.graph.initializer:
         val = new.get(init.name)
         if val is None and init.name in params:
             val = params[init.name].detach().float().numpy()
@@ -181,7 +200,7 @@ def refresh_weights(base: onnx.ModelProto, model: torch.nn.Module) -> onnx.Model
             if tuple(init.dims) != val.shape:
                 raise OnnxInputError(f"initializer {init.name} has shape {tuple(init.dims)}, model has "
                                      f"{val.shape}: the base export is from another model")
-            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(val.astype(np.float32), init.name))
+            init.CopyFrom(numpy_helper.from_array(val.astype(np.float32), init.name))
     return out
 
 

