@@ -205,13 +205,52 @@ def refresh_weights(base: onnx.ModelProto, model: torch.nn.Module) -> onnx.Model
 
 
 # --------------------------------------------------------------------------- Q/DQ insertion
+def bmm_inputs(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Attention BMMs (Q·Kᵀ and softmax·V): MatMuls with no constant input, inside decoder layers.
+    ``{node name: [input tensor names]}``."""
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and not (set(node.input) & consts) and _module_paths(node):
+            out[node.name] = list(node.input[:2])
+    return out
+
+
+def calibrate_tensors(model_path: str | os.PathLike, tensors: list[str], windows: np.ndarray,
+                      progress=None) -> dict[str, float]:
+    """Running max|x| of intermediate ``tensors`` of an ONNX model over ``windows`` (n, T), by
+    marking them as extra graph outputs and running ONNX Runtime one window at a time."""
+    import onnxruntime as ort
+
+    model = load_onnx(model_path)
+    have = {o.name for o in model.graph.output}
+    for t in tensors:
+        if t not in have:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    amax = dict.fromkeys(tensors, 0.0)
+    for w in windows:
+        outs = sess.run(tensors, {INPUT: w[None].astype(np.int64)})
+        for t, v in zip(tensors, outs):
+            if not np.isfinite(v).all():
+                from .errors import NonFiniteActivationError
+
+                raise NonFiniteActivationError(f"NaN or Inf in tensor {t} during BMM calibration")
+            amax[t] = max(amax[t], float(np.abs(v).max()))
+        if progress is not None:
+            progress(1)
+    return amax
+
+
 def insert_qdq(ref: onnx.ModelProto, plan: dict[str, GemmQuant], *, level: str,
-               metadata: dict[str, Any] | None = None) -> onnx.ModelProto:
+               metadata: dict[str, Any] | None = None, bmm: dict[str, float] | None = None) -> onnx.ModelProto:
     """Return a copy of ``ref`` with Q/DQ on both inputs of every planned GEMM.
 
     Activation: x -> QuantizeLinear(scale, zp=0) -> DequantizeLinear -> GEMM input A (one pair per
     distinct input tensor). Weight: INT8 initializer -> DequantizeLinear(axis = output-channel
-    axis of the constant as stored) -> GEMM input B.
+    axis of the constant as stored) -> GEMM input B. ``bmm`` ({tensor name: amax}, from
+    :func:`calibrate_tensors`) also quantizes both inputs of the attention BMMs, statically.
     """
     import onnx_graphsurgeon as gs
 
@@ -261,6 +300,25 @@ def insert_qdq(ref: onnx.ModelProto, plan: dict[str, GemmQuant], *, level: str,
                                            inputs=[xq, sc, zp], outputs=[xdq]))
                 act_cache[key] = xdq
             node.inputs[0] = act_cache[key]
+    bmm_nodes = bmm_inputs(ref) if bmm else {}
+    for node_name, inputs in bmm_nodes.items():
+        node = by_name[node_name]
+        for k, tname in enumerate(inputs):
+            if tname not in bmm:
+                raise OnnxInputError(f"no calibrated scale for attention BMM input {tname}")
+            key = (tname, bmm[tname])
+            if key not in act_cache:
+                safe = node_name.replace("/", "_") + f"_in{k}"
+                s = int8_scale(bmm[tname]).numpy().astype(np.float32)
+                sc, zp = gs.Constant(f"{safe}.scale", s), gs.Constant(f"{safe}.zp", np.zeros((), dtype=np.int8))
+                x = node.inputs[k]
+                xq = gs.Variable(f"{safe}.q", dtype=np.int8, shape=x.shape)
+                xdq = gs.Variable(f"{safe}.dq", dtype=np.float32, shape=x.shape)
+                graph.nodes.append(gs.Node("QuantizeLinear", f"{safe}/QuantizeLinear", inputs=[x, sc, zp], outputs=[xq]))
+                graph.nodes.append(gs.Node("DequantizeLinear", f"{safe}/DequantizeLinear", inputs=[xq, sc, zp],
+                                           outputs=[xdq]))
+                act_cache[key] = xdq
+            node.inputs[k] = act_cache[key]
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     out.ir_version = min(ref.ir_version, MAX_IR_VERSION)
@@ -268,7 +326,7 @@ def insert_qdq(ref: onnx.ModelProto, plan: dict[str, GemmQuant], *, level: str,
     out.opset_import.extend(ref.opset_import)
     meta = {"sq2trt.level": level, "sq2trt.quantized_gemms": json.dumps([nodes[m] for m in plan]),
             "sq2trt.gemm_modules": json.dumps({nodes[m]: m for m in plan}),
-            "sq2trt.quantize_bmm": "false"}
+            "sq2trt.quantize_bmm": "true" if bmm_nodes else "false"}
     meta.update({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()})
     set_metadata(out, meta)
     return out

@@ -294,14 +294,39 @@ class Pipeline:
             if not self.scheme.quantizes:
                 return ref, ref
             plan = make_plan(self.gemm_names(), self.config.quant, scales)
-            qproto = insert_qdq(load_onnx(ref), plan, level=self.config.quant.level,
+            bmm = self._bmm_scales(ref) if self.config.quant.quantize_bmm else None
+            qproto = insert_qdq(load_onnx(ref), plan, level=self.config.quant.level, bmm=bmm,
                                 metadata={"sq2trt.alpha": self.alpha if self.scheme.smooth else "none",
                                           "sq2trt.config_hash": self.h("quant")})
             save_onnx(qproto, quant)
-            exact = self._graph_vs_fakequant(quant, plan)
+            # PyTorch fake quantization models the Linears only: with quantized BMMs the graph is
+            # checked against nothing here (None), not against a wrong reference.
+            exact = None if bmm else self._graph_vs_fakequant(quant, plan)
             stamp(quant, self.h("quant"), gemms=len(plan), fp_fallback=list(self.config.quant.fp_fallback),
                   graph_vs_fakequant_max_rel=exact)
         return ref, quant
+
+    def _bmm_scales(self, ref: Path) -> dict[str, float]:
+        """Static amax of both inputs of every attention BMM, measured through ONNX Runtime on the
+        reference graph (they are not module inputs, so PyTorch hooks cannot see them)."""
+        from .export import bmm_inputs, calibrate_tensors, load_onnx
+
+        if not self.scheme.act_static:
+            raise ConfigError("--quantize-bmm needs a level with static activations (O3, W8A8)")
+        path = self.path("bmm_scales.json")
+        h = config_hash(self.h("ref"), self.h("scales"), "bmm")
+        if not self.force and fresh(path, h):
+            return read_json(path)
+        tensors = sorted({t for ins in bmm_inputs(load_onnx(ref, load_external_data=False)).values() for t in ins})
+        windows = self._windows("calib").numpy()
+        bar = self._progress("calibrate (attention BMMs)", windows.shape[0])
+        try:
+            scales = calibrate_tensors(ref, tensors, windows, progress=bar.update)
+        finally:
+            bar.close()
+        write_json(path, scales)
+        stamp(path, h)
+        return scales
 
     def _graph_vs_fakequant(self, quant: Path, plan) -> float:
         """The Q/DQ graph (ORT without kernel fusions) against PyTorch fake quantization: a gap

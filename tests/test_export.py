@@ -97,3 +97,22 @@ def test_fallback_layers_stay_float(exported):
     q = insert_qdq(refresh_weights(load_onnx(d / "base.onnx"), model),
                    make_plan(planned, QuantConfig(level="O3"), amax), level="O3")
     assert len(json.loads(get_metadata(q)["sq2trt.quantized_gemms"])) == len(names) - 1
+
+
+def test_attention_bmm_quantization_option(tmp_path, calib_text, eval_text):
+    from sq2trt.cli import main
+
+    from conftest import tiny_args
+
+    assert main(["export", "--model", "random:llama", "--quantize-bmm", *tiny_args(calib_text, eval_text, tmp_path)]) == 0
+    q = load_onnx(tmp_path / "random-llama" / "O3" / "O3.onnx")
+    assert get_metadata(q)["sq2trt.quantize_bmm"] == "true"
+    producers = {o: n.op_type for n in q.graph.node for o in n.output}
+    linears = set(json.loads(get_metadata(q)["sq2trt.quantized_gemms"]))
+    bmms = [n for n in q.graph.node if n.op_type == "MatMul" and n.name not in linears
+            and all(producers.get(i) == "DequantizeLinear" for i in n.input)]
+    assert len(bmms) == 4  # Q·Kᵀ and P·V in each of the 2 layers
+    assert lint_model(q), str(lint_model(q))  # metadata says BMMs were requested: no bmm-qdq warning
+    sess = session(tmp_path / "random-llama" / "O3" / "O3.onnx", device="cpu")
+    out = sess.run(None, {"input_ids": np.zeros((1, 9), dtype=np.int64)})[0]
+    assert np.isfinite(out).all()
