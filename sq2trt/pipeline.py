@@ -58,11 +58,13 @@ class Pipeline:
         self.timings: dict[str, float] = {}
         self._loaded = None
         self._smoothed_with: str | None = None  # hash of the scales applied to the in-memory model
+        self._tokens: dict[str, torch.Tensor] = {}  # text source -> token ids (same tokenizer)
 
     def adopt(self, other: "Pipeline") -> None:
         """Share ``other``'s loaded model (and its smoothing state) instead of loading it again."""
         if other.config.model == self.config.model and other._loaded is not None:
             self._loaded, self._smoothed_with = other._loaded, other._smoothed_with
+            self._tokens = other._tokens
             self.timings.setdefault("load_model", other.timings.get("load_model", 0.0))
 
     # ------------------------------------------------------------------ paths and hashes
@@ -140,15 +142,21 @@ class Pipeline:
         skip = () if with_fallback else self.config.quant.fp_fallback
         return quantized_linear_names(self.loaded.model, self.arch, skip=skip)
 
+    def _token_ids(self, source: str) -> torch.Tensor:
+        from .data import load_text, tokenize
+
+        if source not in self._tokens:
+            self._tokens[source] = tokenize(load_text(source), self.loaded.tokenizer)
+        return self._tokens[source]
+
     def _windows(self, which: str) -> torch.Tensor:
-        from .data import calibration_windows, eval_windows, load_text, tokenize
+        from .data import calibration_windows, eval_windows
 
         if which == "calib":
             c = self.config.calib
-            ids = tokenize(load_text(c.data), self.loaded.tokenizer)
-            return calibration_windows(ids, c.num_samples, c.seq_len, c.seed)
+            return calibration_windows(self._token_ids(c.data), c.num_samples, c.seq_len, c.seed)
         e = self.config.eval
-        ids = tokenize(load_text(e.data), self.loaded.tokenizer)
+        ids = self._token_ids(e.data)
         if which == "eval":
             return eval_windows(ids, e.window, e.max_tokens)
         return eval_windows(ids, e.compare_seq_len)[: e.compare_samples]  # "compare"
