@@ -132,11 +132,15 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> None:
     """Constant nodes holding a tensor become initializers, so every constant is treated alike."""
     keep = []
     for node in graph.node:
-        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+        attr = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        if attr is not None and attr.name == "value":
             t = onnx.TensorProto()
-            t.CopyFrom(node.attribute[0].t)
+            t.CopyFrom(attr.t)
             t.name = node.output[0]
             graph.initializer.append(t)
+        elif attr is not None and attr.name in ("value_float", "value_floats"):
+            value = np.array(attr.f if attr.name == "value_float" else list(attr.floats), dtype=np.float32)
+            graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
         else:
             keep.append(node)
     del graph.node[:]
@@ -182,11 +186,7 @@ def fp16_from_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Fp16Summary
 
     # -- 1. the compute type of every node, in topological order
     new_type: dict[str, int] = {}  # float tensor -> its type in the new graph
-    for vi in g.input:
-        if vi.name in inits:
-            continue
-        if types.get(vi.name) == F32:
-            new_type[vi.name] = F16  # a Cast to FP16 is put right after each float graph input
+    # float graph inputs keep their type: each consumer casts them to its own (cached, one Cast each)
     compute: list[int | None] = []
     unsafe: set[str] = set()  # FP32 values that may not fit FP16 (x**2, its mean, mean + eps)
     for i, node in enumerate(nodes):
@@ -279,15 +279,6 @@ def fp16_from_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Fp16Summary
             summary.casts_inserted += 1
         return cast_cache[key]
 
-    graph_inputs = {vi.name for vi in g.input if vi.name not in inits}
-    for name in graph_inputs:
-        if types.get(name) == F32:
-            cname = cast(name, F16)
-            for node in nodes:
-                for k, x in enumerate(node.input):
-                    if x == name:
-                        node.input[k] = cname
-            new_type[cname] = F16
     for i, node in enumerate(nodes):
         ct = compute[i]
         if ct is not None and node.op_type not in _TYPE_AGNOSTIC_INPUT:
@@ -314,6 +305,9 @@ def fp16_from_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Fp16Summary
                 elif node.op_type == "ConstantOfShape" and a.name == "value" and a.t.data_type == F32:
                     arr, _ = to_fp16_clamped(numpy_helper.to_array(a.t))
                     a.t.CopyFrom(numpy_helper.from_array(arr, a.t.name))
+            if node.op_type == "ConstantOfShape" and not any(a.name == "value" for a in node.attribute):
+                node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(
+                    np.zeros(1, np.float16))))  # its default is an FP32 zero
         out_nodes.append(node)
 
     # -- 4. float graph outputs stay FP32
@@ -329,6 +323,7 @@ def fp16_from_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Fp16Summary
                         node.output[k] = inner
             out_nodes.append(helper.make_node("Cast", [inner], [vi.name], name=f"{vi.name}/Cast_to_fp32", to=F32))
             summary.casts_inserted += 1
+            new_type[inner], new_type[vi.name] = F16, F32
 
     # -- 5. assemble: initializers still used, value_info with the new types
     used = {x for n in out_nodes for x in n.input}

@@ -203,6 +203,69 @@ def test_requantize_int8_to_a_larger_scale():
     assert np.array_equal(requantize_int8(q, s, s), q)  # same scale: unchanged
 
 
+def _toy_graph() -> onnx.ModelProto:
+    """x (float input) -> RMS norm -> Q/DQ MatMul, + ConstantOfShape (default FP32 zeros), + a
+    Cos of x * 100 (position-like math) -> MatMul; Constant nodes with value_float."""
+    from onnx import helper
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    w_scale = (np.abs(w).max(0) / 127).astype(np.float32)
+    inits = [numpy_helper.from_array(np.clip(np.rint(w / w_scale), -127, 127).astype(np.int8), "w_q"),
+             numpy_helper.from_array(w_scale, "w_scale"), numpy_helper.from_array(np.zeros(4, np.int8), "w_zp"),
+             numpy_helper.from_array(np.array(0.03, np.float32), "x_scale"),
+             numpy_helper.from_array(np.array(0, np.int8), "x_zp"),
+             numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
+             numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+             numpy_helper.from_array(np.array([2, 4], np.int64), "shape"),
+             numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Constant", [], ["two"], value_float=2.0),
+             helper.make_node("Pow", ["x", "two"], ["sq"]),
+             helper.make_node("ReduceMean", ["sq", "axes"], ["ms"]),
+             helper.make_node("Add", ["ms", "eps"], ["mse"]),
+             helper.make_node("Sqrt", ["mse"], ["rms"]),
+             helper.make_node("Reciprocal", ["rms"], ["inv"]),
+             helper.make_node("Mul", ["x", "inv"], ["xn"]),
+             helper.make_node("QuantizeLinear", ["xn", "x_scale", "x_zp"], ["xq"], name="x_q"),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xdq"], name="x_dq"),
+             helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["wdq"], name="w_dq", axis=1),
+             helper.make_node("MatMul", ["xdq", "wdq"], ["y"], name="fc"),
+             helper.make_node("ConstantOfShape", ["shape"], ["zeros"]),
+             helper.make_node("Constant", [], ["hundred"], value_float=100.0),
+             helper.make_node("Mul", ["x", "hundred"], ["angle"], name="angle"),
+             helper.make_node("Cos", ["angle"], ["cos"]),
+             helper.make_node("MatMul", ["cos", "w2"], ["y2"]),
+             helper.make_node("Add", ["y", "zeros"], ["y0"]),
+             helper.make_node("Add", ["y0", "y2"], ["out"])]
+    graph = helper.make_graph(nodes, "toy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def test_fp16_transform_on_a_toy_graph():
+    import onnxruntime as ort
+
+    model = _toy_graph()
+    out, summary = fp16_from_onnx(model)
+    onnx.checker.check_model(out, full_check=True)
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in onnx.shape_inference.infer_shapes(out, strict_mode=True).graph.value_info}
+    assert types["angle"] == TensorProto.FLOAT  # position math stays FP32 up to Cos
+    assert types["mse"] == TensorProto.FLOAT and types["ms"] == TensorProto.FLOAT  # x**2 and its mean
+    assert types["xdq"] == types["wdq"] == types["y"] == types["zeros"] == TensorProto.FLOAT16
+    assert {"Pow", "ReduceMean", "Add", "Sqrt", "Reciprocal", "Cos", "Mul"} <= set(summary.fp32_ops)
+    assert [i.type.tensor_type.elem_type for i in out.graph.input] == [TensorProto.FLOAT]
+    assert [o.type.tensor_type.elem_type for o in out.graph.output] == [TensorProto.FLOAT]
+    x = np.random.default_rng(2).standard_normal((2, 8)).astype(np.float32) * 300  # x**2 > 65504
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    want, got = run(model), run(out)
+    assert np.isfinite(got).all()
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()  # a few INT8 steps of 0.03 at most
+
+
 # --------------------------------------------------------------------------- the pipeline's own exports
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
