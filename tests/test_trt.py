@@ -108,6 +108,13 @@ def test_build_mode_by_version():
         build_mode("unknown", has_strongly_typed_flag=True)
 
 
+def test_installed_polygraphy_builds_strongly_typed_networks():
+    from sq2trt.trt import _require_polygraphy_strongly_typed
+
+    _require_polygraphy_strongly_typed()  # NetworkFromOnnxPath(path, strongly_typed=...) exists
+    assert HAVE_TRT or "tensorrt" not in sys.modules  # and asking did not import TensorRT
+
+
 # --------------------------------------------------------------------------- metadata and compatibility
 ENV = {"tensorrt": "10.13.0.35", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 
