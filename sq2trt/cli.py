@@ -17,10 +17,12 @@ from typing import Any, Sequence
 
 from .config import LEVELS, CalibConfig, Config, EvalConfig, QuantConfig, load_recipe, merge
 from .errors import Sq2trtError
+from .trt import TrtConfig
 
 log = logging.getLogger("sq2trt")
 
-_SECTIONS = (("quant", QuantConfig, ""), ("calib", CalibConfig, "calib-"), ("eval", EvalConfig, "eval-"))
+_SECTIONS = (("quant", QuantConfig, ""), ("calib", CalibConfig, "calib-"), ("eval", EvalConfig, "eval-"),
+             ("trt", TrtConfig, "trt-"))
 
 
 def _flag_type(tp: Any):
@@ -97,9 +99,20 @@ def cmd_smooth(args):
 
 
 def cmd_export(args):
-    ref, quant = _pipeline(args).export()
+    pipe = _pipeline(args)
+    ref, quant = pipe.export()
     print(ref)
     print(quant)
+    if args.fp16:
+        print(pipe.trt_onnx())
+
+
+def cmd_lint(args):
+    from .lint import lint_model
+
+    report = lint_model(args.model, allow_bmm_qdq=True if args.allow_bmm_qdq else None)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return 0 if report else 1
 
 
 def cmd_build(args):
@@ -180,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     step("calibrate", cmd_calibrate, "per-channel activation maxima (and static scales for static levels)")
     step("smooth", cmd_smooth, "compute SmoothQuant scales and save them")
-    step("export", cmd_export, "export ref.onnx and the Q/DQ <level>.onnx")
+    e = step("export", cmd_export, "export ref.onnx and the Q/DQ <level>.onnx")
+    e.add_argument("--fp16", action="store_true", help="also write <level>.fp16.onnx, the strongly typed FP16 + "
+                   "INT8 Q/DQ graph TensorRT builds from (trtexec --stronglyTyped), and lint it")
     b = step("build", cmd_build, "build the engine (ONNX Runtime here; TensorRT with --backend trt)")
     b.add_argument("--backend", default="ort", choices=("ort", "trt"))
     c = step("compare", cmd_compare, "Polygraphy comparison of engine vs reference, and perplexity")
@@ -191,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--levels", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    help="comma-separated levels to run in one go (e.g. fp,W8A8,O3); default: --level")
     step("levels", cmd_levels, "print the level x backend support matrix", config=False)
+    lt = step("lint", cmd_lint, "check an ONNX file against TensorRT's Q/DQ rules (exit 0 pass, 1 fail)",
+              config=False)
+    lt.add_argument("model", help="ONNX file")
+    lt.add_argument("--json", action="store_true", help="print the report as JSON")
+    lt.add_argument("--allow-bmm-qdq", action="store_true",
+                    help="accept Q/DQ on attention BMMs (Q*K^T, P*V) even without the model's metadata saying so")
     return p
 
 
@@ -202,14 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("torch.onnx", "onnxscript", "transformers", "polygraphy", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.INFO)
     try:
-        args.fn(args)
+        rc = args.fn(args)
     except Sq2trtError as exc:
         print(f"sq2trt {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted; finished artifacts are kept, nothing half-written was left", file=sys.stderr)
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

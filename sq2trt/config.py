@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .trt import TrtConfig
 
 
 # --------------------------------------------------------------------------- granularity
@@ -164,6 +165,7 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    trt: TrtConfig = field(default_factory=TrtConfig)  # TensorRT build options (sq2trt.trt)
     opset: int = 21
     trust_remote_code: bool = False
 
@@ -211,7 +213,7 @@ def _build(cls: type, d: Mapping[str, Any], where: str):
         raise ConfigError(f"{where}: {exc}") from None
 
 
-_SECTIONS = {"quant": QuantConfig, "calib": CalibConfig, "eval": EvalConfig}
+_SECTIONS = {"quant": QuantConfig, "calib": CalibConfig, "eval": EvalConfig, "trt": TrtConfig}
 
 
 # --------------------------------------------------------------------------- recipes

@@ -14,6 +14,7 @@ build/<model>/<level>/report.{json,md}
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
@@ -108,6 +109,8 @@ class Pipeline:
         hashes["quant"] = config_hash(hashes["ref"], hashes["scales"], q)
         hashes["engine"] = config_hash(hashes["quant"], "ort", self.device)
         hashes["compare"] = config_hash(hashes["engine"], c.eval)
+        hashes["fp16"] = config_hash(hashes["quant"], "fp16")
+        hashes["plan"] = config_hash(hashes["fp16"], "trt", dataclasses.replace(c.trt, timing_cache=""))
         return hashes[step]
 
     def _reuse(self, path: Path, step: str) -> bool:
@@ -360,10 +363,7 @@ class Pipeline:
         if why:
             raise LevelNotSupportedError(why)
         if backend == "trt":
-            from ._lazy import trt
-
-            trt._load()  # raises BackendUnavailableError with what to install
-            raise LevelNotSupportedError("TensorRT .plan builds are not implemented in this version")
+            return self.build_plan()
         if backend != "ort":
             raise ConfigError(f"unknown backend {backend!r}; choose ort or trt")
         from .engine import build_ort_engine
@@ -376,6 +376,73 @@ class Pipeline:
             info = build_ort_engine(quant, engine, device=self.device)
         stamp(engine, self.h("engine"), **info)
         return engine
+
+    def trt_onnx(self, *, lint: bool = True) -> Path:
+        """``<level>.fp16.onnx``: the Q/DQ export with its own FP16 types, what a strongly typed
+        TensorRT network is built from (sq2trt.fp16); linted against TensorRT's Q/DQ rules."""
+        from .fp16 import write_fp16
+
+        path = self.path(f"{self.config.quant.level}.fp16.onnx")
+        if not self._reuse(path, "fp16"):
+            _, quant = self.export()
+            with self._timed("fp16"):
+                summary = write_fp16(quant, path)
+            stamp(path, self.h("fp16"), **summary.to_dict())
+        if lint:
+            self.lint(path)
+        return path
+
+    def lint(self, path: Path) -> None:
+        """Raise LintFailedError listing the findings when ``path`` breaks TensorRT's Q/DQ rules."""
+        from .lint import lint_model
+        from .trt import LintFailedError
+
+        report = lint_model(path)
+        for finding in report.warnings:
+            log.warning("lint %s: %s", path.name, finding)
+        if not report:
+            raise LintFailedError(f"{path} breaks TensorRT's Q/DQ rules, not building it:\n{report}")
+
+    def build_plan(self) -> Path:
+        """TensorRT ``<level>.plan`` (+ ``<level>.plan.json``) through sq2trt.trt."""
+        from . import trt as trtmod
+
+        trtmod.trt._load()  # BackendUnavailableError (what to install) before any long step
+        plan = self.path(f"{self.config.quant.level}.plan")
+        if self._reuse(plan, "plan"):
+            try:
+                trtmod.check_plan(plan)
+                return plan
+            except trtmod.PlanMismatchError as exc:
+                log.info("rebuilding %s: %s", plan.name, exc)
+        _, quant = self.export()
+        fp16 = self.trt_onnx(lint=False)
+        self.lint(fp16)
+        self.lint(quant)
+        t = self.config.trt
+        for what, (b, n) in (("eval window", (1, self.config.eval.window)),
+                             ("comparison", (1, self.config.eval.compare_seq_len))):
+            why = t.uncovered(b, n)
+            if why:
+                log.warning("%s: %s", what, why)
+        cache = Path(t.timing_cache) if t.timing_cache else trtmod.default_timing_cache(
+            self.model_dir, trtmod.runtime_environment())
+        ref_meta = read_meta(self.path("ref.onnx"))
+        with self._timed("build"):
+            meta = trtmod.build_plan(fp16, quant, plan, t, timing_cache=cache, level=self.config.quant.level,
+                                     alpha=ref_meta.get("alpha"), calibration=self._calibration_summary(),
+                                     quant=self._quant_meta(), model=self.config.model)
+        stamp(plan, self.h("plan"), backend="trt", tensorrt=meta["tensorrt"], gpu=meta["gpu"])
+        return plan
+
+    def _calibration_summary(self) -> dict[str, Any]:
+        scales = self.act_scales()
+        c, q = self.config.calib, self.config.quant
+        vals = sorted(scales.values())
+        return {"data": c.data, "num_samples": c.num_samples, "seq_len": c.seq_len, "seed": c.seed,
+                "act_clip": q.act_clip, "act_percentile": q.act_percentile if q.act_clip == "percentile" else None,
+                "static_scales": len(vals), "amax_min": vals[0] if vals else None,
+                "amax_median": vals[len(vals) // 2] if vals else None, "amax_max": vals[-1] if vals else None}
 
     def compare(self) -> dict[str, Any]:
         """Polygraphy logits diff (engine vs ref.onnx) and perplexity of both on held-out text."""
