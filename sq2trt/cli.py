@@ -174,7 +174,7 @@ def cmd_levels(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sq2trt", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="sq2trt", description="SmoothQuant -> Q/DQ ONNX -> INT8 engines (ONNX Runtime, TensorRT), with accuracy reports. One subcommand per pipeline step.")
     p.add_argument("-V", "--version", action="version", version=f"sq2trt {__import__('sq2trt').__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
