@@ -38,6 +38,12 @@ class OnnxInputError(Sq2trtError, ValueError):
     """An ONNX file given to build/compare/lint is missing, corrupt or truncated."""
 
 
+class ExportMismatchError(Sq2trtError, RuntimeError):
+    """The exported Q/DQ graph does not compute what the quantization plan says (a bug)."""
+
+    exit_code = 4
+
+
 class OutputDirError(Sq2trtError, PermissionError):
     """The output directory cannot be created or written."""
 

@@ -98,12 +98,14 @@ class Pipeline:
         c, q = self.config, self.config.quant
         model = config_hash(self._model_id(), __version__)
         stats = config_hash(model, c.calib)
-        smooth = config_hash(stats, self.alpha if self.scheme.smooth else None)
+        # levels without smoothing do not depend on calibration statistics
+        smooth = config_hash(stats, self.alpha) if self.scheme.smooth else config_hash(model, None)
         hashes = {
             "stats": stats,
             "base": config_hash(model, c.opset),
             "smooth": smooth,
-            "scales": config_hash(smooth, q.act_clip, q.act_percentile if q.act_clip == "percentile" else None),
+            "scales": config_hash(smooth, c.calib, q.act_clip,
+                                  q.act_percentile if q.act_clip == "percentile" else None),
         }
         hashes["ref"] = config_hash(hashes["base"], smooth)
         hashes["quant"] = config_hash(hashes["ref"], hashes["scales"], q)
@@ -311,10 +313,10 @@ class Pipeline:
                                           "sq2trt.config_hash": self.h("quant")})
             save_onnx(qproto, quant)
             # PyTorch fake quantization models the Linears only: with quantized BMMs the graph is
-            # checked against nothing here (None), not against a wrong reference.
-            exact = None if bmm else self._graph_vs_fakequant(quant, plan)
+            # not checked here (None) rather than checked against a wrong reference.
+            check = None if bmm else self._check_export(quant, ref, plan)
             stamp(quant, self.h("quant"), gemms=len(plan), fp_fallback=list(self.config.quant.fp_fallback),
-                  graph_vs_fakequant_max_rel=exact)
+                  export_check=check)
         return ref, quant
 
     def _bmm_scales(self, ref: Path) -> dict[str, float]:
@@ -339,24 +341,20 @@ class Pipeline:
         stamp(path, h)
         return scales
 
-    def _graph_vs_fakequant(self, quant: Path, plan) -> float:
-        """The Q/DQ graph (ORT without kernel fusions) against PyTorch fake quantization: a gap
-        means the export is wrong, not that INT8 is inexact."""
-        import numpy as np
+    def _check_export(self, quant: Path, ref: Path, plan) -> dict[str, Any]:
+        """Verify the Q/DQ graph against PyTorch fake quantization (see sq2trt.verify); a failure
+        means the export is wrong, not that INT8 is inexact, and removes the graph."""
+        from .errors import ExportMismatchError
+        from .verify import check_export_files
 
-        from .engine import session
-        from .evaluate import ort_logits_fn, torch_logits_fn
-        from .fakequant import fake_quantized
-
-        ids = self._windows("compare")[:1, :64].numpy()
-        got = ort_logits_fn(session(quant, device="cpu", optimize=False))(ids)
-        with fake_quantized(self.loaded.model, plan):
-            want = torch_logits_fn(self.loaded.model)(ids)
-        err = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
-        if err > 1e-3:
-            log.warning("Q/DQ graph differs from PyTorch fake quantization by %.2e (relative): check the export",
-                        err)
-        return err
+        ids = self._windows("compare")[:2, :64].numpy()
+        check = check_export_files(quant, ref, self.loaded.model, plan, f"{self.arch.layers}.0.", ids)
+        log.info("export check: %s", check)
+        if not check:
+            quant.unlink(missing_ok=True)
+            raise ExportMismatchError(f"{quant.name} does not compute its quantization plan: {check}. "
+                                      "This is a bug in sq2trt's export; please report it with the model name.")
+        return check.to_dict()
 
     def build(self, backend: str = "ort") -> Path:
         why = level_support(self.config.quant.level, backend)
@@ -476,7 +474,7 @@ class Pipeline:
                   "eval_config": dict(self.config.eval.__dict__),
                   "eval": {"data": self.config.eval.data, "window": self.config.eval.window,
                            "tokens": int(windows.numel()), "windows": int(windows.shape[0])},
-                  "graph_vs_fakequant_max_rel": self._quant_meta().get("graph_vs_fakequant_max_rel")}
+                  "export_check": self._quant_meta().get("export_check")}
         write_json(path, result)
         stamp(path, self.h("compare"))
         return result

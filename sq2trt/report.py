@@ -33,6 +33,12 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _check(check: dict[str, Any] | None, key: str) -> str:
+    if not check:
+        return "n/a"
+    return f"{check[key]:.2e} ({'passed' if check['passed'] else 'FAILED'})"
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     cmp, lg, ppl = r["compare"], r["compare"]["logits"], r["compare"]["ppl"]
     lines = [
@@ -52,7 +58,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"| logits max relative error (max abs / max ref) | {_fmt(lg['max_rel'])} |",
         f"| logits relative L2 error | {_fmt(lg['rel_l2'])} |",
         f"| top-1 agreement with reference | {lg['top1_agreement']:.2%} ({lg['tokens']} tokens) |",
-        f"| Q/DQ graph vs PyTorch fake-quant (max rel) | {_fmt(cmp.get('graph_vs_fakequant_max_rel'))} |",
+        f"| export check: layer-0 Q/DQ inputs differing from PyTorch fake-quant | "
+        f"{_check(cmp.get('export_check'), 'act_mismatch_fraction')} |",
+        f"| export check: weights-only Q/DQ graph vs fake-quant (max rel) | "
+        f"{_check(cmp.get('export_check'), 'weights_only_max_rel')} |",
         "",
         f"Perplexity: `{cmp['eval']['data']}`, {cmp['eval']['windows']} non-overlapping windows of "
         f"{cmp['eval']['window']} tokens ({cmp['eval']['tokens']} tokens). Calibration: "

@@ -45,7 +45,8 @@ def test_run_writes_every_artifact(tiny_run):
     fp = json.loads((model_dir / "fp" / "compare.json").read_text())
     assert fp["logits"]["max_abs"] == 0.0 and fp["logits"]["top1_agreement"] == 1.0
     o3 = json.loads((model_dir / "O3" / "compare.json").read_text())
-    assert 0 < o3["logits"]["rel_l2"] < 0.2 and o3["graph_vs_fakequant_max_rel"] < 1e-5
+    assert 0 < o3["logits"]["rel_l2"] < 0.2 and o3["export_check"]["passed"]
+    assert o3["export_check"]["weights_only_max_rel"] < 1e-5 and o3["export_check"]["act_max_step_diff"] <= 1.0
     summary = (model_dir / "summary.md").read_text()
     assert all(f"| {lv} |" in summary for lv in ("fp", "W8A8", "O3"))
     assert summary.index("| fp |") < summary.index("| O3 |")
