@@ -20,7 +20,7 @@ import platform
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -379,6 +379,61 @@ class Pipeline:
                   "graph_vs_fakequant_max_rel": self._quant_meta().get("graph_vs_fakequant_max_rel")}
         write_json(path, result)
         stamp(path, self.h("compare"))
+        return result
+
+    # ------------------------------------------------------------------ evaluate / diagnose
+    def plan(self):
+        """The quantization plan the export used (None for levels that do not quantize)."""
+        from .plan import make_plan
+
+        if not self.scheme.quantizes:
+            return None
+        return make_plan(self.gemm_names(), self.config.quant, self.act_scales())
+
+    def evaluate(self, tasks: Sequence[str] = (), *, task_limit: int = 0, task_data: str | None = None,
+                 batch_tokens: int = 4096) -> dict[str, Any]:
+        """Perplexity three ways (PyTorch float, PyTorch fake-quant, the engine both as the exact
+        Q/DQ graph and as the optimized ORT engine) and zero-shot task accuracy: ``eval.json``."""
+        from .evaluation import evaluate_pipeline, tasks_identity
+
+        resolved = self._resolve_tasks(tasks, task_limit, task_data)
+        h = config_hash(self.h("engine"), self.config.eval, tasks_identity(resolved), batch_tokens, "eval-v1")
+        path = self.path("eval.json")
+        if not self.force and fresh(path, h):
+            log.info("reusing %s (config hash %s)", path, h)
+            return read_json(path)
+        result = evaluate_pipeline(self, resolved, batch_tokens=batch_tokens)
+        write_json(path, result)
+        stamp(path, h)
+        return result
+
+    def _resolve_tasks(self, tasks: Sequence[str], limit: int, data: str | None):
+        from .tasks import resolve_task
+
+        out = []
+        for t in tasks:
+            name, p, examples = resolve_task(t, data)
+            out.append((name, p, examples[:limit] if limit else examples))
+        return out
+
+    def diagnose(self, *, top: int = 5) -> dict[str, Any]:
+        """Per-layer / per-GEMM error of the Q/DQ graph vs ref.onnx (Polygraphy): ``layers.json``."""
+        from .diagnose import diagnose
+
+        if not self.scheme.quantizes:
+            raise ConfigError(f"level {self.config.quant.level} quantizes nothing; diagnose a quantized level "
+                              "(--level O3 or W8A8)")
+        ref, quant = self.export()
+        h = config_hash(self.h("quant"), self.config.eval.compare_samples, self.config.eval.compare_seq_len, top,
+                        "diagnose-v1")
+        path = self.path("layers.json")
+        if not self.force and fresh(path, h):
+            return read_json(path)
+        with self._timed("diagnose"):
+            result = diagnose(ref, quant, self._windows("compare").numpy(), top=top, device="cpu",
+                              layers_prefix=self.arch.layers)
+        write_json(path, result)
+        stamp(path, h)
         return result
 
     def _quant_meta(self) -> dict[str, Any]:
