@@ -5,18 +5,22 @@ Task format (one JSON object per line; point ``sq2trt evaluate --tasks`` at your
     {"context": "The man turned on the faucet therefore", "choices": [" the toilet filled with water.",
      " water flowed from the spout."], "label": 1}
 
-Each choice is a continuation of ``context`` as written (put the separating space in the choice).
-For every example the log-likelihood ``ll_i = sum log p(choice_i tokens | context)`` is computed, and
+with an optional ``"delimiter"`` (default ``""``): the model scores the continuation
+``delimiter + choice`` after ``context`` (lm-eval's ``target_delimiter``; put the separating space in
+the choice or in the delimiter). For every example ``ll_i = sum log p(continuation_i | context)``, and
 
 - ``acc``      = 1 if argmax_i ll_i == label
 - ``acc_norm`` = 1 if argmax_i ll_i / len(choice_i in characters) == label
 
-which is lm-eval's ``acc`` / ``acc_norm`` (``completion_len = len(choice)``). Tokenization follows
+which is lm-eval's ``acc`` / ``acc_norm`` (``completion_len = len(choice)``, the delimiter not counted). Tokenization follows
 lm-eval's ``HFLM._encode_pair``: trailing spaces of the context move to the continuation, the pair
 is encoded whole and the context's tokens are cut off the front.
 
 Built-in converters (pure functions) turn the shared COPA (SuperGLUE jsonl) and OpenBookQA (TSV)
-files into this format with lm-eval's prompts.
+files into this format with lm-eval 0.4's prompts, exactly: lm-eval joins context and choice with
+its default ``target_delimiter`` " ", and its COPA choices already start with a space, so lm-eval
+scores COPA continuations with two leading spaces. We reproduce that (delimiter " ") so numbers are
+comparable with published lm-eval COPA results.
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ class Example:
     context: str
     choices: tuple[str, ...]
     label: int
+    delimiter: str = ""  # scored continuation = delimiter + choice; acc_norm counts len(choice) only
 
 
 # --------------------------------------------------------------------------- converters (pure)
@@ -58,18 +63,18 @@ def _copa_choice(text: str) -> str:
 
 def example_from_copa(rec: dict[str, Any]) -> Example:
     """lm-eval ``copa``: premise without its final period + " because" / " therefore";
-    choices " " + choice with a lower-cased first letter."""
+    choices " " + choice with a lower-cased first letter; lm-eval's default delimiter " "."""
     connector = {"cause": "because", "effect": "therefore"}[rec["question"]]
     return Example(rec["premise"].strip()[:-1] + f" {connector}",
-                   (_copa_choice(rec["choice1"]), _copa_choice(rec["choice2"])), int(rec["label"]))
+                   (_copa_choice(rec["choice1"]), _copa_choice(rec["choice2"])), int(rec["label"]), " ")
 
 
 _OBQA_CHOICE = re.compile(r"\(([A-Z])\)\s*")
 
 
 def example_from_openbookqa(row: dict[str, str]) -> Example:
-    """lm-eval ``openbookqa``: context = question stem; choices " " + choice text; label from
-    the answer key. ``row`` is a TSV row with columns Question Stem, Choices, Answer Key."""
+    """lm-eval ``openbookqa``: context = question stem; continuations " " + choice text (delimiter
+    " ", so acc_norm divides by the text's length as lm-eval does); label from the answer key. ``row`` is a TSV row with columns Question Stem, Choices, Answer Key."""
     parts = _OBQA_CHOICE.split(row["Choices"].strip())
     # ["", "A", "text ", "B", "text ", ...]
     letters, texts = parts[1::2], [t.strip() for t in parts[2::2]]
@@ -78,7 +83,7 @@ def example_from_openbookqa(row: dict[str, str]) -> Example:
     key = row["Answer Key"].strip()
     if key not in letters:
         raise TaskDataError(f"OpenBookQA answer key {key!r} not among choices {letters}")
-    return Example(row["Question Stem"].strip(), tuple(" " + t for t in texts), letters.index(key))
+    return Example(row["Question Stem"].strip(), tuple(texts), letters.index(key), " ")
 
 
 def load_copa(path: str | os.PathLike) -> list[Example]:
@@ -102,11 +107,12 @@ def load_task_jsonl(path: str | os.PathLike) -> list[Example]:
         ok = (isinstance(rec, dict) and isinstance(rec.get("context"), str)
               and isinstance(rec.get("choices"), list) and len(rec["choices"]) >= 2
               and all(isinstance(c, str) and c for c in rec["choices"])
-              and isinstance(rec.get("label"), int) and 0 <= rec["label"] < len(rec["choices"]))
+              and isinstance(rec.get("label"), int) and 0 <= rec["label"] < len(rec["choices"])
+              and isinstance(rec.get("delimiter", ""), str))
         if not ok:
             raise TaskDataError(f"{path}:{n}: each line needs {{\"context\": str, \"choices\": [str, str, ...] "
-                                "(non-empty), \"label\": int index into choices}")
-        out.append(Example(rec["context"], tuple(rec["choices"]), rec["label"]))
+                                "(non-empty), \"label\": int index into choices, optional \"delimiter\": str}")
+        out.append(Example(rec["context"], tuple(rec["choices"]), rec["label"], rec.get("delimiter", "")))
     if not out:
         raise TaskDataError(f"{path} holds no examples")
     return out
@@ -148,7 +154,8 @@ def resolve_task(spec: str, data_dir: str | os.PathLike | None = None) -> tuple[
 
 
 def examples_to_jsonl(examples: Iterable[Example]) -> str:
-    return "".join(json.dumps({"context": e.context, "choices": list(e.choices), "label": e.label}) + "\n"
+    return "".join(json.dumps({"context": e.context, "choices": list(e.choices), "label": e.label,
+                               **({"delimiter": e.delimiter} if e.delimiter else {})}) + "\n"
                    for e in examples)
 
 
@@ -265,7 +272,7 @@ def score_examples(task: str, examples: Sequence[Example], logits_fn: LogitsFn, 
     requests, owner = [], []
     for e_i, ex in enumerate(examples):
         for c in ex.choices:
-            requests.append(encode_pair(tokenizer, ex.context, c))
+            requests.append(encode_pair(tokenizer, ex.context, ex.delimiter + c))
             owner.append(e_i)
     lls_flat = loglikelihoods(logits_fn, requests, max_len=max_len, batch_tokens=batch_tokens,
                               prefix_id=prefix_token_id(tokenizer), progress=progress)
