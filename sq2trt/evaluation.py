@@ -94,6 +94,7 @@ def evaluate_pipeline(pipe, resolved: Resolved, *, batch_tokens: int = 4096) -> 
     e = pipe.config.eval
     return {
         "level": pipe.config.quant.level,
+        "engine_hash": pipe.h("engine"),
         "perplexity": p,
         "ppl_increase": p["engine"] / p["torch_fp"] - 1.0,
         "agreement": {

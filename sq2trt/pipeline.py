@@ -397,7 +397,7 @@ class Pipeline:
         from .evaluation import evaluate_pipeline, tasks_identity
 
         resolved = self._resolve_tasks(tasks, task_limit, task_data)
-        h = config_hash(self.h("engine"), self.config.eval, tasks_identity(resolved), batch_tokens, "eval-v1")
+        h = config_hash(self.h("engine"), self.config.eval, tasks_identity(resolved), batch_tokens, "eval-v2")
         path = self.path("eval.json")
         if not self.force and fresh(path, h):
             log.info("reusing %s (config hash %s)", path, h)
@@ -425,13 +425,14 @@ class Pipeline:
                               "(--level O3 or W8A8)")
         ref, quant = self.export()
         h = config_hash(self.h("quant"), self.config.eval.compare_samples, self.config.eval.compare_seq_len, top,
-                        "diagnose-v1")
+                        "diagnose-v2")
         path = self.path("layers.json")
         if not self.force and fresh(path, h):
             return read_json(path)
         with self._timed("diagnose"):
             result = diagnose(ref, quant, self._windows("compare").numpy(), top=top, device="cpu",
                               layers_prefix=self.arch.layers)
+        result["quant_hash"] = self.h("quant")
         write_json(path, result)
         stamp(path, h)
         return result
@@ -462,9 +463,31 @@ class Pipeline:
         from .report import build_report, write_report
 
         cmp = self.compare()
-        rep = build_report(self, cmp)
+        extra = self._report_extras()
+        rep = build_report(self, cmp, **extra)
         write_report(rep, self.level_dir)
         return rep
+
+    def _report_extras(self) -> dict[str, Any]:
+        """eval.json / layers.json / plots when they exist and were made from this config."""
+        from .report import make_plots
+
+        out: dict[str, Any] = {}
+        for key, name, want in (("evaluation", "eval.json", "engine"), ("diagnosis", "layers.json", "quant")):
+            path = self.path(name)
+            if not path.exists():
+                continue
+            d = read_json(path)
+            e = self.config.eval
+            same_eval = key != "evaluation" or (d.get("eval", {}).get("data"), d.get("eval", {}).get("window"),
+                                                d.get("eval", {}).get("max_tokens")) == (e.data, e.window, e.max_tokens)
+            if d.get(f"{want}_hash") == self.h(want) and same_eval:
+                out[key] = d
+            else:
+                log.warning("%s was made from another configuration; left out of the report (rerun `sq2trt %s`)",
+                            path, "evaluate" if key == "evaluation" else "diagnose")
+        out["plots"] = make_plots(self, out.get("diagnosis"))
+        return out
 
     def run(self) -> dict[str, Any]:
         return self.report()
