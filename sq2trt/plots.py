@@ -80,6 +80,9 @@ def plot_layer_errors(layers: dict[str, Any], path: str | os.PathLike, *, title:
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 6.4))
     ls = layers["layers"]
     a1.bar([x["layer"] for x in ls], [x["rel_l2"] for x in ls], color="tab:purple")
+    from matplotlib.ticker import MaxNLocator
+
+    a1.xaxis.set_major_locator(MaxNLocator(integer=True))
     a1.set_xlabel("decoder layer")
     a1.set_ylabel("output rel. L2 error")
     a1.set_title(title or "per-layer error of the Q/DQ model vs reference", fontsize=10)
