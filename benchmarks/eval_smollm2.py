@@ -26,15 +26,23 @@ def main() -> int:
     ap.add_argument("--data", default=os.environ.get("SQ2TRT_DATA", "../shared/data"))
     ap.add_argument("--out", default="build")
     ap.add_argument("--alphas", default="0.5,0.7")  # O3's own alpha (0.85) is added from the O3 run
-    ap.add_argument("--task-limit", type=int, default=0)
+    ap.add_argument("--task-limit", type=int, default=0, help="first N examples of each task (0: all)")
+    ap.add_argument("--calib-num-samples", type=int, default=32)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--eval-max-tokens", type=int, default=16384)
+    ap.add_argument("--eval-window", type=int, default=1024)
+    ap.add_argument("--report-levels", default="fp,W8A8,O3", help="levels to write report.html for (each "
+                    "adds the compare step's two perplexity passes)")
     ap.add_argument("--tasks", default="copa,openbookqa")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     d = Path(args.data)
     base = Config.from_dict({
         "model": args.model,
-        "calib": {"data": str(d / "wikitext2_tokenized/valid.txt"), "num_samples": 32, "seq_len": 512},
-        "eval": {"data": str(d / "wikitext2_raw_test/wiki.test.raw"), "window": 1024, "max_tokens": 16384},
+        "calib": {"data": str(d / "wikitext2_tokenized/valid.txt"), "num_samples": args.calib_num_samples,
+                  "seq_len": args.calib_seq_len},
+        "eval": {"data": str(d / "wikitext2_raw_test/wiki.test.raw"), "window": args.eval_window,
+                 "max_tokens": args.eval_max_tokens},
     })
     tasks = [t for t in args.tasks.split(",") if t]
     t0 = time.perf_counter()
@@ -51,9 +59,11 @@ def main() -> int:
             t = time.perf_counter()
             diag = pipe.diagnose()
             secs[f"diagnose {level}"] = time.perf_counter() - t
-        t = time.perf_counter()
-        rep = pipe.report()
-        secs[f"report {level}"] = time.perf_counter() - t
+        rep = None
+        if level in args.report_levels.split(","):
+            t = time.perf_counter()
+            rep = pipe.report()
+            secs[f"report {level}"] = time.perf_counter() - t
         rows[level] = (ev, diag, rep, pipe)
         shared = pipe
     if args.alphas:
@@ -72,10 +82,12 @@ def main() -> int:
                                              "metric": "PyTorch fake-quant perplexity"})
         plot_alpha_sweep(pts, md / "alpha_sweep.png", fp_ppl=fp_ppl, naive_ppl=naive)
         secs["alpha sweep"] = time.perf_counter() - t
-        rows["O3"][3].report()  # picks up the sweep plot
+        if "O3" in args.report_levels.split(","):
+            rows["O3"][3].report()  # picks up the sweep plot
     total = time.perf_counter() - t0
 
-    print("\n## Perplexity, wikitext-2 raw test, first 16384 tokens, 1024-token windows")
+    print(f"\n## Perplexity, wikitext-2 raw test, first {args.eval_max_tokens} tokens, {args.eval_window}-token "
+          f"windows; calibration {args.calib_num_samples} x {args.calib_seq_len} tokens of wikitext-2 valid")
     print("| level | torch fp | torch fake-quant | exact Q/DQ graph (ORT) | ORT engine | exact vs fq | engine vs fq | engine vs fp |")
     print("|---|---|---|---|---|---|---|---|")
     for level, (ev, _, _, _) in rows.items():
@@ -110,7 +122,7 @@ def main() -> int:
     for level, (ev, _, _, _) in rows.items():
         print(f"- {level} evaluate parts: {ev['seconds']}")
     print(f"- total: {total:.1f}")
-    print("\nreports: " + ", ".join(str(r[3].path('report.html')) for r in rows.values()))
+    print("\nreports: " + ", ".join(str(r[3].path('report.html')) for r in rows.values() if r[2] is not None))
     return 0
 
 
