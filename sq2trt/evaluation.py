@@ -66,7 +66,8 @@ def evaluate_pipeline(pipe, resolved: Resolved, *, batch_tokens: int = 4096) -> 
     p["engine"] = ppl("engine", ort_logits_fn(session(engine, device=pipe.device)))
 
     want = p["torch_fakequant"] if plan else p["torch_fp"]
-    exact_gap = check_exact_agreement(p["engine_exact"], want, where=str(exact_path))
+    log.info("perplexities: %s", p)  # logged before the agreement check, so a failing run still shows them
+    exact_gap = check_exact_agreement(p["engine_exact"], want, where=f"{exact_path} (all perplexities: {p})")
     engine_gap = relative_gap(p["engine"], want)
     if engine_gap > ENGINE_PPL_RTOL:
         log.warning("optimized engine perplexity %.4f differs from fake quantization %.4f by %.2e (> %g): ORT's "
