@@ -138,9 +138,68 @@ def cmd_compare(args):
 
 
 def cmd_report(args):
+    if args.from_json:
+        from .artifacts import read_json
+
+        try:
+            rep = read_json(args.from_json)
+        except (OSError, ValueError) as exc:
+            raise Sq2trtError(f"cannot read report {args.from_json}: {exc}") from None
+    else:
+        pipe = _pipeline(args)
+        rep = pipe.report()
+        print(pipe.path("report.md").read_text())
+    if args.check:
+        from .gate import enforce, load_thresholds
+
+        print(enforce(rep, load_thresholds(args.check)))  # raises AccuracyGateError (exit 1) on failure
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def cmd_evaluate(args):
     pipe = _pipeline(args)
-    pipe.report()
-    print(pipe.path("report.md").read_text())
+    res = pipe.evaluate(args.tasks or (), task_limit=args.task_limit, task_data=args.task_data,
+                        batch_tokens=args.batch_tokens)
+    p = res["perplexity"]
+    print(f"perplexity ({res['eval']['windows']} x {res['eval']['window']} tokens): "
+          + ", ".join(f"{k} {'n/a' if v is None else format(v, '.4f')}" for k, v in p.items()))
+    print(f"exact graph vs {res['agreement']['reference']}: {res['agreement']['engine_exact_vs_reference']:.2e}; "
+          f"optimized engine: {res['agreement']['engine_vs_reference']:.2e}")
+    for name, t in res["tasks"].items():
+        print(f"{name} (n={t['n']}): acc float {t['torch_fp']['acc']:.4f} engine {t['engine']['acc']:.4f}; "
+              f"acc_norm float {t['torch_fp']['acc_norm']:.4f} engine {t['engine']['acc_norm']:.4f}")
+    print(pipe.path("eval.json"))
+
+
+def cmd_diagnose(args):
+    from .diagnose import render_markdown
+
+    pipe = _pipeline(args)
+    d = pipe.diagnose(top=args.top)
+    print(render_markdown(d, args.top))
+    if d["proposed_fp_fallback"]:
+        print("try: --fp-fallback " + ",".join(d["proposed_fp_fallback"]))
+    print(pipe.path("layers.json"))
+
+
+def cmd_sweep(args):
+    from .artifacts import write_json
+    from .pipeline import Pipeline
+    from .plots import alpha_sweep, plot_alpha_sweep
+
+    config = config_from_args(args)
+    points = alpha_sweep(config, [float(a) for a in args.alphas], args.out, progress=_tqdm_progress(args.quiet))
+    model_dir = Pipeline(config, args.out).model_dir
+    d = {"points": points, "level": config.quant.level, "calib": config.to_dict()["calib"],
+         "eval": config.to_dict()["eval"], "metric": "PyTorch fake-quant perplexity"}
+    write_json(model_dir / "alpha_sweep.json", d)
+    png = plot_alpha_sweep(points, model_dir / "alpha_sweep.png")
+    for p in points:
+        print(f"alpha {p['alpha']:.2f}: perplexity {p['ppl']:.4f}")
+    print(png)
 
 
 def _ordered_levels(levels: Sequence[str]) -> list[str]:
@@ -201,7 +260,23 @@ def build_parser() -> argparse.ArgumentParser:
     c = step("compare", cmd_compare, "Polygraphy comparison of engine vs reference, and perplexity")
     c.add_argument("--reference", help="compare these two files directly instead of the pipeline's")
     c.add_argument("--engine", help="engine (.onnx / .ort.onnx / .plan) to compare with --reference")
-    step("report", cmd_report, "write report.json and report.md for a level")
+    rp = step("report", cmd_report, "write report.json, report.md and report.html for a level")
+    rp.add_argument("--check", metavar="THRESHOLDS_YAML",
+                    help="accuracy gate: exit 1 naming each metric outside the thresholds (recipes/thresholds.yaml)")
+    rp.add_argument("--from", dest="from_json", metavar="REPORT_JSON",
+                    help="check this existing report.json instead of running the pipeline")
+    ev = step("evaluate", cmd_evaluate, "perplexity three ways (float, fake-quant, engine) and zero-shot tasks")
+    ev.add_argument("--tasks", type=_csv, help="comma-separated: copa, openbookqa, or task .jsonl files "
+                    "({context, choices, label} lines)")
+    ev.add_argument("--task-limit", type=int, default=0, help="first N examples of each task (default all)")
+    ev.add_argument("--task-data", help="folder holding copa/ and openbookqa/ (default $SQ2TRT_DATA or "
+                    "../shared/data)")
+    ev.add_argument("--batch-tokens", type=int, default=4096, help="tokens per batched forward when scoring")
+    dg = step("diagnose", cmd_diagnose, "per-layer / per-GEMM error of the Q/DQ model (Polygraphy), layers.json")
+    dg.add_argument("--top", type=int, default=5, help="how many worst layers/GEMMs to list and propose")
+    sw = step("sweep", cmd_sweep, "perplexity vs alpha (PyTorch fake quantization), alpha_sweep.json + PNG")
+    sw.add_argument("--alphas", type=_csv, default=["0.5", "0.65", "0.8", "0.9"],
+                    help="comma-separated alphas (default 0.5,0.65,0.8,0.9)")
     r = step("run", cmd_run, "the whole flow: calibrate, smooth, export, build, compare, report")
     r.add_argument("--levels", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    help="comma-separated levels to run in one go (e.g. fp,W8A8,O3); default: --level")

@@ -62,3 +62,8 @@ class AccuracyGateError(Sq2trtError):
     """A report failed its thresholds (``sq2trt report --check``)."""
 
     exit_code = 1
+
+
+class ExportMismatchError(Sq2trtError):
+    """The exported Q/DQ graph (run exactly, without kernel fusions) disagrees with PyTorch fake
+    quantization under the same plan: the export is wrong, not INT8 inexact."""

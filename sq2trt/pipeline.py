@@ -21,7 +21,7 @@ import platform
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -479,6 +479,62 @@ class Pipeline:
         stamp(path, self.h("compare"))
         return result
 
+    # ------------------------------------------------------------------ evaluate / diagnose
+    def plan(self):
+        """The quantization plan the export used (None for levels that do not quantize)."""
+        from .plan import make_plan
+
+        if not self.scheme.quantizes:
+            return None
+        return make_plan(self.gemm_names(), self.config.quant, self.act_scales())
+
+    def evaluate(self, tasks: Sequence[str] = (), *, task_limit: int = 0, task_data: str | None = None,
+                 batch_tokens: int = 4096) -> dict[str, Any]:
+        """Perplexity three ways (PyTorch float, PyTorch fake-quant, the engine both as the exact
+        Q/DQ graph and as the optimized ORT engine) and zero-shot task accuracy: ``eval.json``."""
+        from .evaluation import evaluate_pipeline, tasks_identity
+
+        resolved = self._resolve_tasks(tasks, task_limit, task_data)
+        h = config_hash(self.h("engine"), self.config.eval, tasks_identity(resolved), batch_tokens, "eval-v2")
+        path = self.path("eval.json")
+        if not self.force and fresh(path, h):
+            log.info("reusing %s (config hash %s)", path, h)
+            return read_json(path)
+        result = evaluate_pipeline(self, resolved, batch_tokens=batch_tokens)
+        write_json(path, result)
+        stamp(path, h)
+        return result
+
+    def _resolve_tasks(self, tasks: Sequence[str], limit: int, data: str | None):
+        from .tasks import resolve_task
+
+        out = []
+        for t in tasks:
+            name, p, examples = resolve_task(t, data)
+            out.append((name, p, examples[:limit] if limit else examples))
+        return out
+
+    def diagnose(self, *, top: int = 5) -> dict[str, Any]:
+        """Per-layer / per-GEMM error of the Q/DQ graph vs ref.onnx (Polygraphy): ``layers.json``."""
+        from .diagnose import diagnose
+
+        if not self.scheme.quantizes:
+            raise ConfigError(f"level {self.config.quant.level} quantizes nothing; diagnose a quantized level "
+                              "(--level O3 or W8A8)")
+        ref, quant = self.export()
+        h = config_hash(self.h("quant"), self.config.eval.compare_samples, self.config.eval.compare_seq_len, top,
+                        "diagnose-v2")
+        path = self.path("layers.json")
+        if not self.force and fresh(path, h):
+            return read_json(path)
+        with self._timed("diagnose"):
+            result = diagnose(ref, quant, self._windows("compare").numpy(), top=top, device="cpu",
+                              layers_prefix=self.arch.layers)
+        result["quant_hash"] = self.h("quant")
+        write_json(path, result)
+        stamp(path, h)
+        return result
+
     def _quant_meta(self) -> dict[str, Any]:
         quant = self.path(f"{self.config.quant.level}.onnx")
         try:
@@ -505,9 +561,31 @@ class Pipeline:
         from .report import build_report, write_report
 
         cmp = self.compare()
-        rep = build_report(self, cmp)
+        extra = self._report_extras()
+        rep = build_report(self, cmp, **extra)
         write_report(rep, self.level_dir)
         return rep
+
+    def _report_extras(self) -> dict[str, Any]:
+        """eval.json / layers.json / plots when they exist and were made from this config."""
+        from .report import make_plots
+
+        out: dict[str, Any] = {}
+        for key, name, want in (("evaluation", "eval.json", "engine"), ("diagnosis", "layers.json", "quant")):
+            path = self.path(name)
+            if not path.exists():
+                continue
+            d = read_json(path)
+            e = self.config.eval
+            same_eval = key != "evaluation" or (d.get("eval", {}).get("data"), d.get("eval", {}).get("window"),
+                                                d.get("eval", {}).get("max_tokens")) == (e.data, e.window, e.max_tokens)
+            if d.get(f"{want}_hash") == self.h(want) and same_eval:
+                out[key] = d
+            else:
+                log.warning("%s was made from another configuration; left out of the report (rerun `sq2trt %s`)",
+                            path, "evaluate" if key == "evaluation" else "diagnose")
+        out["plots"] = make_plots(self, out.get("diagnosis"))
+        return out
 
     def run(self) -> dict[str, Any]:
         return self.report()

@@ -1,4 +1,10 @@
-"""Reports: ``report.json`` (versioned schema) and ``report.md`` for one model and level."""
+"""Reports: ``report.json`` (versioned schema), ``report.md`` and a self-contained ``report.html``
+for one model and level.
+
+Schema history: 1 = model, level, alpha, quant, calibration, compare, timings, environment.
+2 adds optional ``eval`` (eval.json: perplexity three ways, zero-shot tasks), ``diagnosis``
+(layers.json: per-layer / per-GEMM error, proposed fp_fallback) and ``plots`` ({name: PNG path
+relative to the report}); every version-1 key keeps its meaning."""
 from __future__ import annotations
 
 import time
@@ -7,10 +13,11 @@ from typing import Any
 
 from .artifacts import atomic_write_text, write_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
-def build_report(pipe, compare: dict[str, Any]) -> dict[str, Any]:
+def build_report(pipe, compare: dict[str, Any], *, evaluation: dict[str, Any] | None = None,
+                 diagnosis: dict[str, Any] | None = None, plots: dict[str, str] | None = None) -> dict[str, Any]:
     c = pipe.config
     return {
         "schema_version": SCHEMA_VERSION,
@@ -26,6 +33,9 @@ def build_report(pipe, compare: dict[str, Any]) -> dict[str, Any]:
         "timings_s": pipe.timings,
         "environment": pipe.environment(),
         "config_hash": pipe.h("compare"),
+        "eval": evaluation,
+        "diagnosis": diagnosis,
+        "plots": plots or {},
     }
 
 
@@ -68,6 +78,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"`{r['calibration']['data']}`, {r['calibration']['num_samples']} x {r['calibration']['seq_len']} tokens, "
         f"seed {r['calibration']['seed']}.",
         "",
+        *_eval_markdown(r.get("eval")),
+        *_diagnosis_markdown(r.get("diagnosis")),
+        *[f"![{name}]({rel})" for name, rel in (r.get("plots") or {}).items()],
+        "",
         "Timings (s): " + ", ".join(f"{k} {v}" for k, v in r["timings_s"].items()),
         "",
         "Environment: " + ", ".join(f"{k} {v}" for k, v in r["environment"].items()),
@@ -80,6 +94,139 @@ def write_report(r: dict[str, Any], out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     write_json(out_dir / "report.json", r)
     atomic_write_text(out_dir / "report.md", render_markdown(r))
+    atomic_write_text(out_dir / "report.html", render_html(r, out_dir))
+
+
+def _eval_markdown(ev: dict[str, Any] | None) -> list[str]:
+    if not ev:
+        return []
+    p, ag = ev["perplexity"], ev["agreement"]
+    lines = ["## Perplexity three ways", "",
+             f"`{ev['eval']['data']}`: {ev['eval']['windows']} windows of {ev['eval']['window']} tokens.", "",
+             "| model | perplexity |", "|---|---|",
+             f"| PyTorch floating point | {_fmt(p['torch_fp'], '.4f')} |",
+             f"| PyTorch fake-quantized | {_fmt(p['torch_fakequant'], '.4f')} |",
+             f"| exported Q/DQ graph, exact (ORT, no fusions) | {_fmt(p['engine_exact'], '.4f')} |",
+             f"| engine (ORT optimized) | {_fmt(p['engine'], '.4f')} |", "",
+             f"Exact graph vs {ag['reference']}: relative gap {ag['engine_exact_vs_reference']:.2e} (tolerance "
+             f"{ag['engine_exact_tolerance']:g}); optimized engine: {ag['engine_vs_reference']:.2e}. "
+             f"Perplexity increase of the engine over floating point: {ev['ppl_increase']:+.2%}.", "",
+             "Evaluation timings (s): " + ", ".join(f"{k} {v}" for k, v in ev.get("seconds", {}).items()), ""]
+    if ev.get("tasks"):
+        lines += ["## Zero-shot tasks", "", "| task | n | acc (float) | acc (engine) | acc_norm (float) | "
+                  "acc_norm (engine) | acc drop |", "|---|---|---|---|---|---|---|"]
+        for name, t in ev["tasks"].items():
+            f, e = t["torch_fp"], t["engine"]
+            lines.append(f"| {name} | {t['n']} | {f['acc']:.4f} | {e['acc']:.4f} ± {e['acc_stderr']:.4f} | "
+                         f"{f['acc_norm']:.4f} | {e['acc_norm']:.4f} | {t['acc_drop']:+.4f} |")
+        lines.append("")
+    return lines
+
+
+def _diagnosis_markdown(d: dict[str, Any] | None) -> list[str]:
+    if not d:
+        return []
+    from .diagnose import render_markdown as diag_md
+
+    return ["## Per-layer diagnosis", "", diag_md(d), ""]
+
+
+def make_plots(pipe, diagnosis: dict[str, Any] | None) -> dict[str, str]:
+    """Write the PNGs the data on disk allows; ``{name: path relative to the level directory}``."""
+    from .plots import plot_alpha_sweep, plot_layer_errors, plot_smoothing, scale_for
+
+    out: dict[str, str] = {}
+    plots = pipe.level_dir / "plots"
+    stats_p = pipe.model_dir / "act_stats.safetensors"
+    scales_p = pipe.path("smooth_scales.safetensors")
+    if stats_p.exists():
+        from safetensors.torch import load_file
+
+        stats = load_file(str(stats_p))
+        module = _plot_module(pipe, stats, diagnosis)
+        scale = None
+        if pipe.scheme.smooth and scales_p.exists():
+            groups = [(g.producer, g.consumers) for g in pipe.arch.groups]
+            scale = scale_for(module, load_file(str(scales_p)), groups, pipe.arch.layers)
+        plot_smoothing(stats[module], scale, module, plots / "smoothing.png",
+                       alpha=pipe.alpha if pipe.scheme.smooth else None)
+        out["activation magnitude before/after smoothing"] = "plots/smoothing.png"
+    if diagnosis:
+        plot_layer_errors(diagnosis, plots / "layer_errors.png",
+                          title=f"{pipe.name} @ {pipe.config.quant.level}: error vs reference")
+        out["per-layer error"] = "plots/layer_errors.png"
+    sweep = pipe.model_dir / "alpha_sweep.json"
+    if sweep.exists():
+        from .artifacts import read_json
+
+        d = read_json(sweep)
+        plot_alpha_sweep(d["points"], plots / "alpha_sweep.png", fp_ppl=d.get("fp_ppl"), naive_ppl=d.get("naive_ppl"))
+        out["perplexity vs alpha"] = "plots/alpha_sweep.png"
+    return out
+
+
+def _plot_module(pipe, stats: dict[str, Any], diagnosis: dict[str, Any] | None) -> str:
+    """The GEMM input to plot: the worst smoothed GEMM found by diagnosis, else the first q_proj-like
+    GEMM of a middle layer that a smoothing group feeds."""
+    consumers = {c for g in pipe.arch.groups for c in g.consumers}
+    smoothable = [k for k in stats if any(k.endswith("." + c) for c in consumers)]
+    for m in (diagnosis or {}).get("worst_gemms", []):
+        if m in smoothable:
+            return m
+    if not smoothable:
+        return next(iter(stats))
+    return smoothable[len(smoothable) // 2]
+
+
+def render_html(r: dict[str, Any], out_dir: str | Path) -> str:
+    """One self-contained HTML page: the markdown tables as HTML, plots embedded as base64 PNG."""
+    import base64
+    import html
+
+    body = []
+    in_table = False
+    for line in render_markdown(r).splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-: "):
+                continue
+            if not in_table:
+                body.append("<table>")
+                in_table, tag = True, "th"
+            else:
+                tag = "td"
+            body.append("<tr>" + "".join(f"<{tag}>{_inline(html.escape(c))}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("!["):
+            name, rel = line[2:].split("](", 1)
+            png = Path(out_dir) / rel.rstrip(")")
+            data = base64.b64encode(png.read_bytes()).decode()
+            body.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{html.escape(name)}</figcaption></figure>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.strip():
+            body.append(f"<p>{_inline(html.escape(line))}</p>")
+    if in_table:
+        body.append("</table>")
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
+             "text-align:left}th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3}")
+    title = html.escape(f"sq2trt report: {r['model']['name']} @ {r['level']}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title><style>{style}</style>"
+            f"</head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _inline(text: str) -> str:
+    """`code` spans of the markdown as <code> (text is already HTML-escaped)."""
+    import re
+
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", text)
 
 
 def write_summary(reports: list[dict[str, Any]], model_dir: str | Path) -> Path:

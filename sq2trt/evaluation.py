@@ -1,0 +1,112 @@
+"""The ``evaluate`` step: perplexity three ways and zero-shot accuracy, for one pipeline level.
+
+Perplexity (wikitext-2 raw test protocol: joined text, non-overlapping windows):
+
+- ``torch_fp``         PyTorch, floating point (the level's prepared model: smoothed when it smooths,
+                       which is the float model up to rounding)
+- ``torch_fakequant``  PyTorch under the level's quantization plan (sq2trt.fakequant)
+- ``engine_exact``     the exported Q/DQ ONNX run by ONNX Runtime without kernel fusions: Q/DQ
+                       semantics exactly. Must equal ``torch_fakequant`` within
+                       ``evaluate.EXACT_PPL_RTOL``, else ExportMismatchError (the export is wrong).
+- ``engine``           the optimized ORT engine (what ships; fused INT8 kernels deviate slightly).
+
+Tasks are scored with PyTorch float (the baseline the accuracy gate compares against) and the
+optimized engine.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .tasks import Example
+
+log = logging.getLogger(__name__)
+
+Resolved = Sequence[tuple[str, Path, list[Example]]]
+
+
+def tasks_identity(resolved: Resolved) -> list[Any]:
+    return [(name, str(p), p.stat().st_size, int(p.stat().st_mtime), len(ex)) for name, p, ex in resolved]
+
+
+def evaluate_pipeline(pipe, resolved: Resolved, *, batch_tokens: int = 4096) -> dict[str, Any]:
+    from .engine import session
+    from .evaluate import (ENGINE_PPL_RTOL, EXACT_PPL_RTOL, check_exact_agreement, ort_logits_fn, perplexity,
+                           relative_gap, torch_logits_fn)
+    from .fakequant import fake_quantized
+    from .tasks import score_examples
+
+    seconds: dict[str, float] = {}
+    engine = pipe.build()
+    ref, quant = pipe.export()
+    exact_path = quant if pipe.scheme.quantizes else ref
+    plan = pipe.plan()
+    model = pipe.prepared_model()
+    windows = pipe._windows("eval")
+
+    def ppl(which: str, fn) -> float:
+        bar = pipe._progress(f"perplexity ({which})", windows.shape[0])
+        t = time.perf_counter()
+        try:
+            return perplexity(fn, windows, progress=bar.update)
+        finally:
+            bar.close()
+            seconds[f"ppl_{which}"] = round(time.perf_counter() - t, 2)
+
+    p: dict[str, float | None] = {}
+    p["torch_fp"] = ppl("torch_fp", torch_logits_fn(model))
+    if plan:
+        with fake_quantized(model, plan):
+            p["torch_fakequant"] = ppl("torch_fakequant", torch_logits_fn(model))
+    else:
+        p["torch_fakequant"] = None
+    p["engine_exact"] = ppl("engine_exact", ort_logits_fn(session(exact_path, device="cpu", optimize=False)))
+    p["engine"] = ppl("engine", ort_logits_fn(session(engine, device=pipe.device)))
+
+    want = p["torch_fakequant"] if plan else p["torch_fp"]
+    log.info("perplexities: %s", p)  # logged before the agreement check, so a failing run still shows them
+    exact_gap = check_exact_agreement(p["engine_exact"], want, where=f"{exact_path} (all perplexities: {p})")
+    engine_gap = relative_gap(p["engine"], want)
+    if engine_gap > ENGINE_PPL_RTOL:
+        log.warning("optimized engine perplexity %.4f differs from fake quantization %.4f by %.2e (> %g): ORT's "
+                    "fused INT8 kernels deviate from Q/DQ semantics more than usual on this model",
+                    p["engine"], want, engine_gap, ENGINE_PPL_RTOL)
+
+    tasks: dict[str, Any] = {}
+    for name, path, examples in resolved:
+        entry: dict[str, Any] = {"file": str(path), "n": len(examples)}
+        runs = [("torch_fp", torch_logits_fn(model)), ("engine", ort_logits_fn(session(engine, device=pipe.device)))]
+        for which, fn in runs:
+            bar = pipe._progress(f"{name} ({which})", sum(len(e.choices) for e in examples))
+            t = time.perf_counter()
+            try:
+                res, _ = score_examples(name, examples, fn, pipe.loaded.tokenizer, batch_tokens=batch_tokens,
+                                        progress=bar.update)
+            finally:
+                bar.close()
+            seconds[f"{name}_{which}"] = round(time.perf_counter() - t, 2)
+            entry[which] = res.to_dict()
+        entry["acc_drop"] = entry["torch_fp"]["acc"] - entry["engine"]["acc"]
+        entry["acc_norm_drop"] = entry["torch_fp"]["acc_norm"] - entry["engine"]["acc_norm"]
+        tasks[name] = entry
+
+    e = pipe.config.eval
+    return {
+        "level": pipe.config.quant.level,
+        "engine_hash": pipe.h("engine"),
+        "perplexity": p,
+        "ppl_increase": p["engine"] / p["torch_fp"] - 1.0,
+        "agreement": {
+            "engine_exact_vs_reference": exact_gap,
+            "engine_exact_tolerance": EXACT_PPL_RTOL,
+            "engine_vs_reference": engine_gap,
+            "engine_warn_above": ENGINE_PPL_RTOL,
+            "reference": "torch_fakequant" if plan else "torch_fp",
+        },
+        "eval": {"data": e.data, "window": e.window, "max_tokens": e.max_tokens, "tokens": int(windows.numel()),
+                 "windows": int(windows.shape[0])},
+        "tasks": tasks,
+        "seconds": seconds,
+    }
