@@ -63,7 +63,3 @@ class AccuracyGateError(Sq2trtError):
 
     exit_code = 1
 
-
-class ExportMismatchError(Sq2trtError):
-    """The exported Q/DQ graph (run exactly, without kernel fusions) disagrees with PyTorch fake
-    quantization under the same plan: the export is wrong, not INT8 inexact."""

