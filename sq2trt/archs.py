@@ -104,9 +104,11 @@ ARCHS: dict[str, Arch] = {
               "post_attention_layernorm, so one smoothing scale is shared by all experts and folded into the "
               "router's columns too (the router stays floating point, unquantized). The "
               "experts' down_proj weights are quantized; their input (inside the expert loop) stays float",
-        export_blocker="transformers' MixtralExperts routes tokens with data-dependent control flow "
-                       "(nonzero() over the router's top-k, a Python loop over the experts hit), which "
-                       "torch.export cannot trace with dynamic shapes"),
+        export_blocker="transformers 5.x MixtralExperts dispatches to the custom op "
+                       "transformers::grouped_mm_fallback, which has no ONNX translation (the dynamo "
+                       "exporter fails at conversion), and its eager implementation routes tokens with "
+                       "data-dependent control flow (nonzero() over the router's top-k, a Python loop over "
+                       "the experts hit), which torch.export cannot trace"),
     "GPT2LMHeadModel": Arch(
         layers="transformer.h",
         groups=(Group("ln_1", ("attn.c_attn",)), Group("ln_2", ("mlp.c_fc",))),

@@ -46,6 +46,15 @@ class LogitsOnly(torch.nn.Module):
 def export_reference(model: torch.nn.Module, path: str | os.PathLike, *, opset: int = 21,
                      vocab: int | None = None) -> None:
     """Export ``model`` to ``path`` (input_ids [batch, seq] -> logits [batch, seq, vocab])."""
+    from .archs import ARCHS, arch_name
+    from .errors import UnsupportedArchitectureError
+
+    row = ARCHS.get(arch_name(model))
+    if row is not None and row.export_blocker:
+        raise UnsupportedArchitectureError(
+            f"{arch_name(model)} cannot be exported to ONNX: {row.export_blocker}. Calibration, smoothing "
+            "and PyTorch fake quantization work for it (sq2trt.fakequant.fake_quantized); evaluate the "
+            "levels in PyTorch (benchmarks/levels_smollm2.py shows how), not through an engine.")
     wrapper = LogitsOnly(model).eval()
     vocab = vocab or int(model.config.vocab_size)
     example = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -89,7 +89,38 @@ class Pipeline:
     @property
     def alpha(self) -> float:
         a = self.config.quant.alpha
+        if a is None and self.scheme.alpha_search:
+            return self.searched_alpha()
         return float(self.arch.alpha if a is None else a)
+
+    def searched_alpha(self) -> float:
+        """SmoothQuant+: alpha searched on the calibration windows (sq2trt.search), cached as
+        ``<level>/alpha_search.json`` (chosen alpha, loss per alpha, search time)."""
+        from safetensors.torch import load_file
+
+        from .plan import make_plan
+        from .search import search_alpha
+
+        path = self.path("alpha_search.json")
+        h = config_hash(self.h("stats"), self.config.quant.level, self.config.quant.fp_fallback, "search-v1")
+        if not self.force and fresh(path, h):
+            return float(read_json(path)["alpha"])
+        stats = load_file(str(self.calibrate()))
+        self._require_raw_model()
+        plan = make_plan(self.gemm_names(), self.config.quant, {}, layout=self.arch.layout.value)
+        windows = self._windows("calib")
+        from .search import GRID
+
+        bar = self._progress("alpha search (SmoothQuant+)", len(GRID))
+        try:
+            with self._timed("alpha_search"):
+                res = search_alpha(self.loaded.model, self.arch, stats, plan, windows, progress=bar.update)
+        finally:
+            bar.close()
+        ensure_dir(self.level_dir)
+        write_json(path, res.to_dict())
+        stamp(path, h, seconds=res.seconds)
+        return res.alpha
 
     def h(self, step: str) -> str:
         c, q = self.config, self.config.quant
@@ -293,7 +324,7 @@ class Pipeline:
                 stamp(ref, self.h("ref"), max_rel_vs_torch=err, alpha=self.alpha if self.scheme.smooth else None)
             if not self.scheme.quantizes:
                 return ref, ref
-            plan = make_plan(self.gemm_names(), self.config.quant, scales)
+            plan = make_plan(self.gemm_names(), self.config.quant, scales, layout=self.arch.layout.value)
             qproto = insert_qdq(load_onnx(ref), plan, level=self.config.quant.level,
                                 metadata={"sq2trt.alpha": self.alpha if self.scheme.smooth else "none",
                                           "sq2trt.config_hash": self.h("quant")})
