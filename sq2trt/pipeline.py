@@ -126,6 +126,8 @@ class Pipeline:
         c, q = self.config, self.config.quant
         model = config_hash(self._model_id(), __version__)
         stats = config_hash(model, c.calib)
+        if step == "stats":  # before any alpha: a searched alpha (SmoothQuant+) itself needs the stats
+            return stats
         smooth = config_hash(stats, self.alpha if self.scheme.smooth else None)
         hashes = {
             "stats": stats,

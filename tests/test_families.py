@@ -8,7 +8,8 @@ relative). An activation that lands within that distance of a rounding boundary 
 (one quantization step, max|x|/127, in one element) in the next quantized GEMM, static or dynamic
 scale alike; measured on these tiny models: up to ~1.2e-3 relative on the logits. The bound 2e-3 allows
 a few flips and still fails on any real export mistake (a wrong axis, block, zero point or a missing
-Q/DQ moves the logits by the quantization error itself, which each test also requires to be 10x larger).
+Q/DQ moves the logits by the quantization error itself, which each test also requires to be 2x larger
+than the graph-vs-fake-quant gap).
 """
 from __future__ import annotations
 
@@ -147,7 +148,7 @@ def test_level_graph_matches_fakequant(exported, level, tmp_path):
     moved = float(np.abs(fp - want).max() / np.abs(fp).max())
     tol = TOL
     assert rel <= tol, f"{family} {level}: Q/DQ graph vs PyTorch fake quant {rel:.2e} > {tol}"
-    assert moved > 10 * rel, f"{family} {level}: quantization changed nothing measurable ({moved:.2e})"
+    assert moved > 2 * rel, f"{family} {level}: quantization changed nothing measurable ({moved:.2e})"
 
 
 def test_fp_fallback_removes_exactly_those_gemms(exported):
