@@ -268,8 +268,7 @@ def _act_dynamic(graph, x, safe: str, per_token: bool, k: int | None):
                                   gs.Constant(f"{safe}.qhi", np.array(127.0, np.float32))], var("input_clip"))
         return node("Mul", "Mul", [c, scale], var("input_dq"))
     attrs = {"axis": -1, "block_size": int(k)} if per_token else {}
-    zp_shape = ()
-    zp = gs.Constant(f"{safe}.input_zp", np.zeros(zp_shape, dtype=np.int8))
+    zp = gs.Constant(f"{safe}.input_zp", np.zeros((), dtype=np.int8))
     if per_token:  # blocked zero point must match the scale's shape: use none (zero by default)
         xq = node("QuantizeLinear", "QuantizeLinear", [x, scale], var("input_q", np.int8), **attrs)
         return node("DequantizeLinear", "DequantizeLinear", [xq, scale], var("input_dq"), **attrs)

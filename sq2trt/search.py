@@ -93,7 +93,7 @@ def search_alpha(model: torch.nn.Module, arch: Arch, act_stats: dict[str, torch.
             with fake_quantized(model, plan):
                 for b, r in zip(batches, ref):
                     total += float(output_loss(r, model(input_ids=b, use_cache=False).logits, loss))
-            losses[alpha] = total / windows[:, :].numel()
+            losses[alpha] = total / windows.numel()  # per token
             for p, s in zip(params, saved):
                 p.copy_(s)
             log.info("alpha %.2f: %s %.6g", alpha, loss, losses[alpha])
