@@ -35,6 +35,9 @@ class Group:
     producer: str
     consumers: tuple[str, ...]
     kind: str = "norm"
+    # A consumer may also name a 3-D parameter of a fused-experts module ("mlp.experts.gate_up_proj",
+    # shape (experts, out, in)): it is scaled along its input channels, and its input statistics are
+    # those of the module that owns it (every expert reads the same normalized input).
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Arch:
     keep_fp: tuple[str, ...] = ("lm_head",)  # never quantized (top-level names)
     requires: dict[str, Any] = field(default_factory=dict)  # config attributes a row depends on
     notes: str = ""
+    export_blocker: str = ""  # non-empty: why this architecture cannot be exported to ONNX (yet)
 
 
 _LLAMA_GROUPS = (
@@ -75,6 +79,74 @@ ARCHS: dict[str, Arch] = {
     "Qwen2ForCausalLM": Arch(layers="model.layers", groups=_LLAMA_GROUPS, gemms=_LLAMA_GEMMS, alpha=0.85,
                              notes="q/k/v carry biases; smoothing scales input columns only, so biases "
                                    "are unchanged. alpha: Llama's default (no paper value)"),
+    # -- families of the paper and close kin (module names checked on transformers 5.23 tiny configs)
+    "BloomForCausalLM": Arch(
+        layers="transformer.h",
+        groups=(Group("input_layernorm", ("self_attention.query_key_value",)),
+                Group("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
+        gemms=("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
+               "mlp.dense_4h_to_h"),
+        alpha=0.5, notes="fused query_key_value; ALiBi position bias (no rotary)"),
+    "FalconForCausalLM": Arch(
+        layers="transformer.h",
+        groups=(Group("input_layernorm", ("self_attention.query_key_value", "mlp.dense_h_to_4h")),),
+        gemms=("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
+               "mlp.dense_4h_to_h"),
+        alpha=0.6, requires={"parallel_attn": True},
+        notes="Falcon-7B layout: parallel attention and MLP share one norm (one group feeds both); "
+              "alpha 0.6 (Falcon-7B; 0.7 for Falcon-40B)"),
+    "MixtralForCausalLM": Arch(
+        layers="model.layers",
+        groups=(_LLAMA_GROUPS[0], Group("post_attention_layernorm", ("mlp.experts.gate_up_proj", "mlp.gate"))),
+        gemms=_LLAMA_GEMMS[:4] + ("mlp.experts",),
+        alpha=0.8, keep_fp=("lm_head", "mlp.gate"),
+        notes="MoE: every expert's w1/w3 (fused gate_up_proj) and the router mlp.gate read "
+              "post_attention_layernorm, so one smoothing scale is shared by all experts and folded into the "
+              "router's columns too (the router stays floating point, unquantized). The "
+              "experts' down_proj weights are quantized; their input (inside the expert loop) stays float",
+        export_blocker="transformers 5.x MixtralExperts dispatches to the custom op "
+                       "transformers::grouped_mm_fallback, which has no ONNX translation (the dynamo "
+                       "exporter fails at conversion), and its eager implementation routes tokens with "
+                       "data-dependent control flow (nonzero() over the router's top-k, a Python loop over "
+                       "the experts hit), which torch.export cannot trace"),
+    "GPT2LMHeadModel": Arch(
+        layers="transformer.h",
+        groups=(Group("ln_1", ("attn.c_attn",)), Group("ln_2", ("mlp.c_fc",))),
+        gemms=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+        alpha=0.5, layout=Layout.IN_OUT,
+        notes="Conv1D weights stored (in, out); alpha 0.5 is sq2trt's default, not from the paper"),
+    "GPTJForCausalLM": Arch(
+        layers="transformer.h",
+        groups=(Group("ln_1", ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in")),),
+        gemms=("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.fc_in", "mlp.fc_out"),
+        alpha=0.5,
+        notes="parallel residual: ln_1 feeds attention and MLP (one group); alpha 0.5 is sq2trt's "
+              "default, not from the paper"),
+    "GPTNeoXForCausalLM": Arch(
+        layers="gpt_neox.layers",
+        groups=(Group("input_layernorm", ("attention.query_key_value",)),
+                Group("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
+        gemms=("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+        alpha=0.5,
+        notes="GPT-NeoX / Pythia: two norms (parallel or sequential residual alike); alpha 0.5 is "
+              "sq2trt's default, not from the paper"),
+}
+
+# Rows for configurations of one class that differ in structure, tried in order before ARCHS[name]:
+# the first whose ``requires`` all match the config wins.
+ARCH_VARIANTS: dict[str, tuple[Arch, ...]] = {
+    "FalconForCausalLM": (
+        Arch(layers="transformer.h",
+             groups=(Group("ln_attn", ("self_attention.query_key_value",)), Group("ln_mlp", ("mlp.dense_h_to_4h",))),
+             gemms=ARCHS["FalconForCausalLM"].gemms, alpha=0.7,
+             requires={"new_decoder_architecture": True, "num_ln_in_parallel_attn": 2},
+             notes="Falcon new decoder architecture (40B/180B): ln_attn and ln_mlp; alpha 0.7 (Falcon-40B)"),
+        Arch(layers="transformer.h",
+             groups=(Group("input_layernorm", ("self_attention.query_key_value",)),
+                     Group("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
+             gemms=ARCHS["FalconForCausalLM"].gemms, alpha=0.6, requires={"parallel_attn": False},
+             notes="sequential Falcon (parallel_attn=False): two norms"),
+    ),
 }
 
 
@@ -89,6 +161,10 @@ def arch_name(model_or_config: Any) -> str:
 def get_arch(model_or_config: Any) -> Arch:
     """The table row for a model (or its config); raises if there is none."""
     name = arch_name(model_or_config)
+    config = getattr(model_or_config, "config", model_or_config)
+    for variant in ARCH_VARIANTS.get(name, ()):
+        if all(getattr(config, k, None) == v for k, v in variant.requires.items()):
+            return variant
     arch = ARCHS.get(name)
     if arch is None:
         raise UnsupportedArchitectureError(
@@ -97,7 +173,6 @@ def get_arch(model_or_config: Any) -> Arch:
             "layers, smoothing groups (norm -> Linears that read it) and GEMMs, plus a tiny config in "
             "sq2trt/models.py TINY_CONFIGS so the tests cover it."
         )
-    config = getattr(model_or_config, "config", model_or_config)
     for key, want in arch.requires.items():
         got = getattr(config, key, want)
         if got != want:

@@ -66,6 +66,8 @@ class Scheme:
     smooth: bool = True
     weight_bits: int = 8
     description: str = ""
+    weight_symmetric: bool = True  # False: asymmetric (UINT4 with a zero point); 4-bit weights only
+    alpha_search: bool = False  # SmoothQuant+: alpha searched on the calibration set (sq2trt.search)
 
     @property
     def quantizes(self) -> bool:
@@ -74,13 +76,33 @@ class Scheme:
 
 # The paper's Table 2 levels that this build implements. W8A8 here is the naive baseline *with
 # static per-tensor activations* (O3 without smoothing), so a report shows exactly what
-# smoothing buys at the one level TensorRT can run from plain Q/DQ.
+# smoothing buys at the one level TensorRT can run from plain Q/DQ; W8A8-dyn is the paper's own
+# naive row (per-tensor dynamic activations). Dynamic levels compute activation scales at run
+# time (ONNX Runtime only); W4 levels keep activations in floating point (SmoothQuant+).
 LEVELS: dict[str, Scheme] = {
     "fp": Scheme(None, None, smooth=False, description="floating point reference, no quantization"),
     "W8A8": Scheme(PerTensor(), PerTensor(), act_static=True, smooth=False,
                    description="naive INT8: per-tensor weights, static per-tensor activations, no smoothing"),
     "O3": Scheme(PerTensor(), PerTensor(), act_static=True, smooth=True,
                  description="SmoothQuant-O3: per-tensor weights, static per-tensor activations"),
+    "W8A8-dyn": Scheme(PerTensor(), PerTensor(), smooth=False,
+                       description="naive INT8 (paper Table 2): per-tensor weights, dynamic per-tensor "
+                                   "activations, no smoothing"),
+    "ZeroQuant": Scheme(PerGroup(128), PerToken(), smooth=False,
+                        description="ZeroQuant: group-wise INT8 weights (g=128), dynamic per-token activations"),
+    "O1": Scheme(PerTensor(), PerToken(), smooth=True,
+                 description="SmoothQuant-O1: per-tensor weights, dynamic per-token activations"),
+    "O2": Scheme(PerTensor(), PerTensor(), smooth=True,
+                 description="SmoothQuant-O2: per-tensor weights, dynamic per-tensor activations"),
+    "W4-RTN": Scheme(PerGroup(128), None, smooth=False, weight_bits=4,
+                     description="round-to-nearest INT4 weights (g=128, symmetric), float activations"),
+    "W4A16": Scheme(PerGroup(128), None, smooth=True, weight_bits=4, alpha_search=True,
+                    description="SmoothQuant+: smoothing with searched alpha, INT4 weights (g=128, "
+                                "symmetric), float activations"),
+    "W4A16-asym": Scheme(PerGroup(128), None, smooth=True, weight_bits=4, weight_symmetric=False,
+                         alpha_search=True,
+                         description="SmoothQuant+: smoothing with searched alpha, UINT4 weights (g=128, "
+                                     "asymmetric), float activations"),
 }
 
 # Which backend runs which level ("yes" / reason it cannot). Generated into the README.
@@ -94,6 +116,9 @@ def level_support(level: str, backend: str) -> str | None:
         return (f"level {level} quantizes activations with run-time (dynamic) scales; TensorRT has no "
                 "INT8 dynamic quantization (DynamicQuantizeLinear is unsupported). Use level O3 "
                 "(static per-tensor activations) for TensorRT, or --backend ort for this level.")
+    if backend == "trt" and scheme.weight is not None and not scheme.weight_symmetric:
+        return (f"level {level} stores asymmetric UINT4 weights with zero points; TensorRT requires zero "
+                "point 0. Use the symmetric level W4A16 for TensorRT, or --backend ort for this level.")
     return None
 
 

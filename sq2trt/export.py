@@ -46,6 +46,15 @@ class LogitsOnly(torch.nn.Module):
 def export_reference(model: torch.nn.Module, path: str | os.PathLike, *, opset: int = 21,
                      vocab: int | None = None) -> None:
     """Export ``model`` to ``path`` (input_ids [batch, seq] -> logits [batch, seq, vocab])."""
+    from .archs import ARCHS, arch_name
+    from .errors import UnsupportedArchitectureError
+
+    row = ARCHS.get(arch_name(model))
+    if row is not None and row.export_blocker:
+        raise UnsupportedArchitectureError(
+            f"{arch_name(model)} cannot be exported to ONNX: {row.export_blocker}. Calibration, smoothing "
+            "and PyTorch fake quantization work for it (sq2trt.fakequant.fake_quantized); evaluate the "
+            "levels in PyTorch (benchmarks/levels_smollm2.py shows how), not through an engine.")
     wrapper = LogitsOnly(model).eval()
     vocab = vocab or int(model.config.vocab_size)
     example = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -150,6 +159,13 @@ def gemm_nodes(model: onnx.ModelProto, modules: list[str], *, strict: bool = Tru
     return found
 
 
+def _is_gemm_module(m: torch.nn.Module) -> bool:
+    """nn.Linear (weight (out, in)) or transformers' Conv1D (GPT-2; weight (in, out))."""
+    if isinstance(m, torch.nn.Linear):
+        return True
+    return type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), torch.Tensor)
+
+
 def refresh_weights(base: onnx.ModelProto, model: torch.nn.Module) -> onnx.ModelProto:
     """A copy of ``base`` (exported from this model's architecture) carrying ``model``'s current
     weights: smoothing changes values, never the graph, so a 2-minute re-export becomes a copy.
@@ -163,7 +179,7 @@ def refresh_weights(base: onnx.ModelProto, model: torch.nn.Module) -> onnx.Model
     out = onnx.ModelProto()
     out.CopyFrom(base)
     params = {f"{WRAPPER}.{k}": v for k, v in model.state_dict().items()}
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears = {n: m for n, m in model.named_modules() if _is_gemm_module(m)}
     by_node = {v: k for k, v in gemm_nodes(out, list(linears), strict=False).items()}
     new: dict[str, np.ndarray] = {}
     for node in out.graph.node:
@@ -171,6 +187,8 @@ def refresh_weights(base: onnx.ModelProto, model: torch.nn.Module) -> onnx.Model
         if mod is None:
             continue
         w = linears[mod].weight.detach().float()
+        if not isinstance(linears[mod], torch.nn.Linear):  # GPT-2 Conv1D: weight stored (in, out)
+            w = w.t()
         trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
         new[node.input[1]] = (w if trans_b else w.t()).contiguous().numpy()
     # The exporter deduplicates equal constants (a random model's norms are all ones), so one
@@ -243,21 +261,99 @@ def calibrate_tensors(model_path: str | os.PathLike, tensors: list[str], windows
     return amax
 
 
+# Per-token dynamic activations: "blocked" = QuantizeLinear/DequantizeLinear with a run-time (B, T, 1)
+# scale and block_size = K along the last axis (opset 21 blocked quantization); "explicit" = the same
+# arithmetic as Div -> Round -> Clip -> Mul. Both compute fake_quant(x, amax_token / 127).
+PER_TOKEN_FORM = "explicit"
+
+
+def _weight_qdq(wt_stored: torch.Tensor, trans_b: bool, q: GemmQuant):
+    """Integer weight, scale, zero point and DequantizeLinear attributes for a GEMM constant B stored
+    [K, N] (``trans_b`` False) or [N, K] (``trans_b`` True), under ``q``'s weight granularity."""
+    from .numerics import group_qparams, int_range
+
+    w_oi = wt_stored if trans_b else wt_stored.t()  # (out, in)
+    n, k = w_oi.shape
+    if q.weight_group:
+        g = q.weight_group
+        scale, zp = group_qparams(w_oi, g, q.weight_bits, q.weight_symmetric)  # (N, nblk)
+        qmin, qmax = int_range(q.weight_bits, q.weight_symmetric)
+        rep = lambda t: t.repeat_interleave(g, dim=1)[:, :k]  # noqa: E731 - (N, nblk) -> (N, K)
+        w_q = torch.clamp(torch.round(w_oi / rep(scale)) + rep(zp), qmin, qmax)
+        if trans_b:  # stored (N, K): blocks along axis 1
+            return w_q, scale, zp, {"axis": 1, "block_size": g}
+        return w_q.t(), scale.t(), zp.t(), {"axis": 0, "block_size": g}
+    out_axis = 0 if trans_b else 1
+    if q.weight_per_channel:
+        scale = int8_scale(w_oi.abs().amax(dim=1))  # (N,)
+        bshape = (-1, 1) if out_axis == 0 else (1, -1)
+        return quantize(wt_stored, scale.view(bshape)).float(), scale, torch.zeros_like(scale), {"axis": out_axis}
+    scale = int8_scale(wt_stored.abs().amax())
+    return quantize(wt_stored, scale).float(), scale, torch.zeros(()), {}
+
+
+def _int_dtype(q: GemmQuant):
+    if q.weight_bits == 8:
+        return onnx.TensorProto.INT8
+    return onnx.TensorProto.INT4 if q.weight_symmetric else onnx.TensorProto.UINT4
+
+
+def _act_dynamic(graph, x, safe: str, per_token: bool, k: int | None):
+    """Nodes computing the run-time INT8 scale of ``x`` (max|x| / 127, >= 1e-8) and its Q/DQ."""
+    import onnx_graphsurgeon as gs
+
+    def var(name, dtype=np.float32):
+        return gs.Variable(f"{safe}.{name}", dtype=dtype)
+
+    def node(op, name, inputs, out, **attrs):
+        graph.nodes.append(gs.Node(op, f"{safe}/input/{name}", attrs=attrs, inputs=inputs, outputs=[out]))
+        return out
+
+    absx = node("Abs", "Abs", [x], var("input_abs"))
+    if per_token:
+        axes = gs.Constant(f"{safe}.input_axes", np.array([-1], dtype=np.int64))
+        amax = node("ReduceMax", "ReduceMax", [absx, axes], var("input_amax"), keepdims=1)
+    else:
+        amax = node("ReduceMax", "ReduceMax", [absx], var("input_amax"), keepdims=0)
+    div = node("Div", "ScaleDiv", [amax, gs.Constant(f"{safe}.qmax", np.array(127.0, np.float32))],
+               var("input_scale_raw"))
+    scale = node("Max", "ScaleClamp", [div, gs.Constant(f"{safe}.min_scale", np.array(1e-8, np.float32))],
+                 var("input_scale"))
+    if per_token and PER_TOKEN_FORM == "explicit":
+        r = node("Round", "Round", [node("Div", "Div", [x, scale], var("input_div"))], var("input_round"))
+        c = node("Clip", "Clip", [r, gs.Constant(f"{safe}.qlo", np.array(-128.0, np.float32)),
+                                  gs.Constant(f"{safe}.qhi", np.array(127.0, np.float32))], var("input_clip"))
+        return node("Mul", "Mul", [c, scale], var("input_dq"))
+    attrs = {"axis": -1, "block_size": int(k)} if per_token else {}
+    zp = gs.Constant(f"{safe}.input_zp", np.zeros((), dtype=np.int8))
+    if per_token:  # blocked zero point must match the scale's shape: use none (zero by default)
+        xq = node("QuantizeLinear", "QuantizeLinear", [x, scale], var("input_q", np.int8), **attrs)
+        return node("DequantizeLinear", "DequantizeLinear", [xq, scale], var("input_dq"), **attrs)
+    xq = node("QuantizeLinear", "QuantizeLinear", [x, scale, zp], var("input_q", np.int8))
+    return node("DequantizeLinear", "DequantizeLinear", [xq, scale, zp], var("input_dq"))
+
+
 def insert_qdq(ref: onnx.ModelProto, plan: dict[str, GemmQuant], *, level: str,
                metadata: dict[str, Any] | None = None, bmm: dict[str, float] | None = None) -> onnx.ModelProto:
-    """Return a copy of ``ref`` with Q/DQ on both inputs of every planned GEMM.
+    """Return a copy of ``ref`` with Q/DQ on the inputs of every planned GEMM.
 
-    Activation: x -> QuantizeLinear(scale, zp=0) -> DequantizeLinear -> GEMM input A (one pair per
-    distinct input tensor). Weight: INT8 initializer -> DequantizeLinear(axis = output-channel
-    axis of the constant as stored) -> GEMM input B. ``bmm`` ({tensor name: amax}, from
-    :func:`calibrate_tensors`) also quantizes both inputs of the attention BMMs, statically.
+    Weight: integer initializer (INT8, INT4 or UINT4) -> DequantizeLinear -> GEMM input B, with a
+    per-tensor scale, a per-channel scale (axis = output-channel axis of the constant as stored) or
+    block scales (axis = input-channel axis, ``block_size`` = group; opset 21).
+    Activation: static: QuantizeLinear(constant scale, zp=0), one per distinct input tensor, then one
+    DequantizeLinear per consuming GEMM (ONNX Runtime fuses a DQ into an integer GEMM only when the
+    GEMM is its sole consumer; TensorRT accepts either); dynamic: the scale is computed in the graph
+    (ReduceMax(Abs(x)) / 127) per tensor or per token (last axis); none: the input stays floating
+    point (weight-only levels). ``bmm`` ({tensor name: amax}, from :func:`calibrate_tensors`) also
+    quantizes both inputs of the attention BMMs, statically.
     """
     import onnx_graphsurgeon as gs
 
     nodes = gemm_nodes(ref, list(plan))
     graph = gs.import_onnx(ref)
     by_name = {n.name: n for n in graph.nodes}
-    act_cache: dict[tuple[str, float], Any] = {}
+    act_cache: dict[tuple, Any] = {}
+    low_bit: dict[str, int] = {}  # initializer name -> INT4/UINT4, converted after export
     for module, q in plan.items():
         node = by_name[nodes[module]]
         safe = module.replace(".", "_")
@@ -266,39 +362,41 @@ def insert_qdq(ref: onnx.ModelProto, plan: dict[str, GemmQuant], *, level: str,
         if not isinstance(w, gs.Constant):
             raise OnnxInputError(f"{node.name} ({module}): weight input is not a constant")
         trans_b = node.op == "Gemm" and int(node.attrs.get("transB", 0)) == 1
-        out_axis = 0 if trans_b else 1
         wt = torch.from_numpy(np.ascontiguousarray(w.values, dtype=np.float32))
-        if q.weight_per_channel:
-            scale = int8_scale(wt.abs().amax(dim=1 - out_axis))  # (N,)
-            bshape = (-1, 1) if out_axis == 0 else (1, -1)
-            wq = quantize(wt, scale.view(bshape))
-            attrs = {"axis": out_axis}
-        else:
-            scale = int8_scale(wt.abs().amax())
-            wq = quantize(wt, scale)
-            attrs = {}
-        wq_c = gs.Constant(f"{safe}.weight_int8", wq.numpy())
+        wq, scale, zp, attrs = _weight_qdq(wt, trans_b, q)
+        dtype = _int_dtype(q)
+        wq_c = gs.Constant(f"{safe}.weight_int{q.weight_bits}", wq.numpy().astype(np.int8 if q.weight_symmetric
+                                                                                  else np.uint8))
         ws_c = gs.Constant(f"{safe}.weight_scale", scale.numpy().astype(np.float32))
-        wz_c = gs.Constant(f"{safe}.weight_zp", np.zeros(scale.shape, dtype=np.int8))
+        wz_c = gs.Constant(f"{safe}.weight_zp", zp.numpy().astype(np.int8 if q.weight_symmetric else np.uint8))
+        if dtype != onnx.TensorProto.INT8:
+            low_bit[wq_c.name] = low_bit[wz_c.name] = dtype
         w_dq = gs.Variable(f"{safe}.weight_dq", dtype=np.float32, shape=list(wq.shape))
         graph.nodes.append(gs.Node("DequantizeLinear", f"{safe}/weight/DequantizeLinear",
                                    attrs=attrs, inputs=[wq_c, ws_c, wz_c], outputs=[w_dq]))
         node.inputs[1] = w_dq
-        # -- activation: static per-tensor
+        # -- activation
+        x = node.inputs[0]
         if q.act_amax is not None:
-            x = node.inputs[0]
-            key = (x.name, q.act_amax)
-            if key not in act_cache:
+            key = (x.name, "static", q.act_amax)
+            if key not in act_cache:  # one QuantizeLinear per distinct input tensor ...
                 s = int8_scale(q.act_amax).numpy().astype(np.float32)
                 sc = gs.Constant(f"{safe}.input_scale", s)
-                zp = gs.Constant(f"{safe}.input_zp", np.zeros((), dtype=np.int8))
+                zpc = gs.Constant(f"{safe}.input_zp", np.zeros((), dtype=np.int8))
                 xq = gs.Variable(f"{safe}.input_q", dtype=np.int8, shape=x.shape)
-                xdq = gs.Variable(f"{safe}.input_dq", dtype=np.float32, shape=x.shape)
                 graph.nodes.append(gs.Node("QuantizeLinear", f"{safe}/input/QuantizeLinear",
-                                           inputs=[x, sc, zp], outputs=[xq]))
-                graph.nodes.append(gs.Node("DequantizeLinear", f"{safe}/input/DequantizeLinear",
-                                           inputs=[xq, sc, zp], outputs=[xdq]))
-                act_cache[key] = xdq
+                                           inputs=[x, sc, zpc], outputs=[xq]))
+                act_cache[key] = (xq, sc, zpc)
+            xq, sc, zpc = act_cache[key]  # ... and one DequantizeLinear per consuming GEMM
+            xdq = gs.Variable(f"{safe}.input_dq", dtype=np.float32, shape=x.shape)
+            graph.nodes.append(gs.Node("DequantizeLinear", f"{safe}/input/DequantizeLinear",
+                                       inputs=[xq, sc, zpc], outputs=[xdq]))
+            node.inputs[0] = xdq
+        elif q.act_dynamic is not None:
+            key = (x.name, q.act_dynamic)
+            if key not in act_cache:
+                act_cache[key] = _act_dynamic(graph, x, safe, q.act_dynamic == "per-token", wt.shape[0]
+                                              if not trans_b else wt.shape[1])
             node.inputs[0] = act_cache[key]
     bmm_nodes = bmm_inputs(ref) if bmm else {}
     for node_name, inputs in bmm_nodes.items():
@@ -321,6 +419,11 @@ def insert_qdq(ref: onnx.ModelProto, plan: dict[str, GemmQuant], *, level: str,
             node.inputs[k] = act_cache[key]
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
+    for i, init in enumerate(out.graph.initializer):
+        if init.name in low_bit:
+            vals = onnx.numpy_helper.to_array(init)
+            out.graph.initializer[i].CopyFrom(onnx.helper.make_tensor(
+                init.name, low_bit[init.name], list(vals.shape), vals.astype(np.int64).flatten().tolist()))
     out.ir_version = min(ref.ir_version, MAX_IR_VERSION)
     del out.opset_import[:]
     out.opset_import.extend(ref.opset_import)

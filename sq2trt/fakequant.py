@@ -2,6 +2,10 @@
 
 Used to check the exported engine (engine vs fake-quant must agree to float rounding) and to
 evaluate a level without exporting. Restores the model on exit.
+
+A plan entry names a module whose weights are quantized: a ``Linear`` (weight (out, in)), a GPT-2
+``Conv1D`` (weight (in, out), ``layout="in_out"``), or a fused-experts module without ``.weight``
+(Mixtral: 3-D parameters (experts, out, in), each expert's matrix quantized on its own).
 """
 from __future__ import annotations
 
@@ -10,29 +14,61 @@ from typing import Iterator
 
 import torch
 
-from .numerics import fake_quant, int8_scale, weight_scale
+from .numerics import dynamic_scale, fake_quant, group_fake_quant, int8_scale, weight_scale
 from .plan import GemmQuant
+
+
+def quantized_weight_out_in(w: torch.Tensor, q: GemmQuant) -> torch.Tensor:
+    """Fake-quantized copy of one (out, in) weight matrix under ``q``'s weight granularity."""
+    if q.weight_group:
+        return group_fake_quant(w, q.weight_group, q.weight_bits, q.weight_symmetric)
+    s = weight_scale(w, q.weight_per_channel)  # () or (out,)
+    return fake_quant(w, s.view(-1, 1) if s.ndim else s)
+
+
+def quantized_weight(w: torch.Tensor, q: GemmQuant) -> torch.Tensor:
+    """``w`` as stored (2-D in ``q.layout``, or 3-D (experts, out, in)), fake-quantized."""
+    if w.ndim == 3:
+        return torch.stack([quantized_weight_out_in(e, q) for e in w])
+    if q.layout == "in_out":
+        return quantized_weight_out_in(w.t(), q).t()
+    return quantized_weight_out_in(w, q)
+
+
+def module_weights(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The GEMM weights of a planned module: ``weight``, or its 3-D parameters (fused experts)."""
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor):
+        return {"weight": w}
+    return {n: p for n, p in module.named_parameters(recurse=False) if p.ndim == 3}
+
+
+def quantize_input(x: torch.Tensor, q: GemmQuant) -> torch.Tensor:
+    """The GEMM input as the engine sees it: static, dynamic per-tensor/per-token, or unchanged."""
+    if q.act_amax is not None:
+        return fake_quant(x, int8_scale(q.act_amax))
+    if q.act_dynamic is not None:
+        return fake_quant(x, dynamic_scale(x, q.act_dynamic == "per-token"))
+    return x
 
 
 @contextmanager
 @torch.no_grad()
 def fake_quantized(model: torch.nn.Module, plan: dict[str, GemmQuant]) -> Iterator[torch.nn.Module]:
-    saved: dict[str, torch.Tensor] = {}
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     handles = []
     try:
         for name, q in plan.items():
-            lin = model.get_submodule(name)
-            w = lin.weight
-            saved[name] = w.detach().clone()
-            s = weight_scale(w, q.weight_per_channel)  # () or (out,)
-            w.copy_(fake_quant(w, s.view(-1, 1) if s.ndim else s))
-            if q.act_amax is not None:
-                a_scale = int8_scale(q.act_amax)
-                handles.append(lin.register_forward_pre_hook(
-                    lambda _m, args, _s=a_scale: (fake_quant(args[0], _s),) + tuple(args[1:])))
+            mod = model.get_submodule(name)
+            for w in module_weights(mod).values():
+                saved.append((w, w.detach().clone()))
+                w.copy_(quantized_weight(w, q))
+            if q.act_amax is not None or q.act_dynamic is not None:
+                handles.append(mod.register_forward_pre_hook(
+                    lambda _m, args, _q=q: (quantize_input(args[0], _q),) + tuple(args[1:])))
         yield model
     finally:
         for h in handles:
             h.remove()
-        for name, w in saved.items():
-            model.get_submodule(name).weight.copy_(w)
+        for w, orig in saved:
+            w.copy_(orig)

@@ -32,6 +32,30 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=64,
                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False),
+    "bloom": dict(model_type="bloom", architectures=["BloomForCausalLM"], hidden_size=64, n_layer=2, n_head=4,
+                  vocab_size=512),
+    "falcon": dict(model_type="falcon", architectures=["FalconForCausalLM"], hidden_size=64,
+                   num_hidden_layers=2, num_attention_heads=4, vocab_size=512, new_decoder_architecture=False,
+                   multi_query=True, parallel_attn=True, alibi=False, bias=False),
+    "falcon-new": dict(model_type="falcon", architectures=["FalconForCausalLM"], hidden_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2, vocab_size=512,
+                       new_decoder_architecture=True, parallel_attn=True, alibi=False, bias=False),
+    "falcon-seq": dict(model_type="falcon", architectures=["FalconForCausalLM"], hidden_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, vocab_size=512, new_decoder_architecture=False,
+                       multi_query=True, parallel_attn=False, alibi=False, bias=True),
+    # (alibi=True exports, but ORT 1.31 CPU has no kernel for the Mul(14) the exporter emits for
+    #  Falcon's ALiBi: NOT_IMPLEMENTED "Mul(14) node_mul_15"; BLOOM's ALiBi exports and runs)
+    "mixtral": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], hidden_size=64,
+                    intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    vocab_size=512, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+                    tie_word_embeddings=False),
+    "gpt2": dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=64, n_layer=2, n_head=4,
+                 vocab_size=512, n_positions=256, bos_token_id=0, eos_token_id=0),
+    "gptj": dict(model_type="gptj", architectures=["GPTJForCausalLM"], n_embd=64, n_layer=2, n_head=4,
+                 vocab_size=512, n_positions=256, rotary_dim=8, bos_token_id=0, eos_token_id=0),
+    "gpt-neox": dict(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"], hidden_size=64,
+                     intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512,
+                     max_position_embeddings=256, use_parallel_residual=True, bos_token_id=0, eos_token_id=0),
 }
 
 

@@ -54,3 +54,58 @@ def percentile_absmax(x: torch.Tensor, pct: float, max_elems: int = 1 << 22) -> 
     if flat.numel() > max_elems:
         flat = flat[:: (flat.numel() + max_elems - 1) // max_elems]
     return torch.quantile(flat, pct / 100.0)
+
+
+# --------------------------------------------------------------------------- granularity-driven
+# Weights are handled in (out, in) orientation here; callers transpose other layouts first.
+def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer range: INT8 [-128, 127], INT4 [-8, 7], UINT4 [0, 15] (asymmetric)."""
+    if symmetric:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def _grouped(w_out_in: torch.Tensor, size: int) -> torch.Tensor:
+    """(out, in) -> (out, ceil(in/size), size), zero-padded (a partial last block, as ONNX allows)."""
+    out, k = w_out_in.shape
+    n = -(-k // size)
+    pad = n * size - k
+    if pad:
+        w_out_in = torch.nn.functional.pad(w_out_in, (0, pad))
+    return w_out_in.reshape(out, n, size)
+
+
+def group_qparams(w_out_in: torch.Tensor, size: int, bits: int, symmetric: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per (output channel, block of ``size`` input channels): (out, ceil(in/size)).
+
+    symmetric: scale = max|w| / qmax, zero point 0. asymmetric: scale = (max - min) / (2^bits - 1) over a
+    range that includes 0, zero point = round(-min / scale) in [0, 2^bits - 1].
+    """
+    g = _grouped(w_out_in.float(), size)
+    qmin, qmax = int_range(bits, symmetric)
+    if symmetric:
+        scale = (g.abs().amax(dim=-1) / qmax).clamp(min=MIN_SCALE)
+        return scale, torch.zeros_like(scale)
+    lo = g.amin(dim=-1).clamp(max=0.0)
+    hi = g.amax(dim=-1).clamp(min=0.0)
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=MIN_SCALE)
+    zp = torch.clamp(torch.round(-lo / scale), qmin, qmax)
+    return scale, zp
+
+
+def group_fake_quant(w_out_in: torch.Tensor, size: int, bits: int = 8, symmetric: bool = True) -> torch.Tensor:
+    """Group-wise quantize-dequantize of an (out, in) weight, blocks along the input channels."""
+    out, k = w_out_in.shape
+    scale, zp = group_qparams(w_out_in, size, bits, symmetric)
+    qmin, qmax = int_range(bits, symmetric)
+    g = _grouped(w_out_in.float(), size)
+    q = torch.clamp(torch.round(g / scale[..., None]) + zp[..., None], qmin, qmax)
+    deq = ((q - zp[..., None]) * scale[..., None]).reshape(out, -1)[:, :k]
+    return deq.to(w_out_in.dtype)
+
+
+def dynamic_scale(x: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """Run-time INT8 scale of an activation: () per tensor, (..., 1) per token (last axis reduced)."""
+    amax = x.detach().abs().amax(dim=-1, keepdim=True) if per_token else x.detach().abs().amax()
+    return (amax.float() / QMAX).clamp(min=MIN_SCALE)

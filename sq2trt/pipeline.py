@@ -92,12 +92,45 @@ class Pipeline:
     @property
     def alpha(self) -> float:
         a = self.config.quant.alpha
+        if a is None and self.scheme.alpha_search:
+            return self.searched_alpha()
         return float(self.arch.alpha if a is None else a)
+
+    def searched_alpha(self) -> float:
+        """SmoothQuant+: alpha searched on the calibration windows (sq2trt.search), cached as
+        ``<level>/alpha_search.json`` (chosen alpha, loss per alpha, search time)."""
+        from safetensors.torch import load_file
+
+        from .plan import make_plan
+        from .search import search_alpha
+
+        path = self.path("alpha_search.json")
+        h = config_hash(self.h("stats"), self.config.quant.level, self.config.quant.fp_fallback, "search-v1")
+        if not self.force and fresh(path, h):
+            return float(read_json(path)["alpha"])
+        stats = load_file(str(self.calibrate()))
+        self._require_raw_model()
+        plan = make_plan(self.gemm_names(), self.config.quant, {}, layout=self.arch.layout.value)
+        windows = self._windows("calib")
+        from .search import GRID
+
+        bar = self._progress("alpha search (SmoothQuant+)", len(GRID))
+        try:
+            with self._timed("alpha_search"):
+                res = search_alpha(self.loaded.model, self.arch, stats, plan, windows, progress=bar.update)
+        finally:
+            bar.close()
+        ensure_dir(self.level_dir)
+        write_json(path, res.to_dict())
+        stamp(path, h, seconds=res.seconds)
+        return res.alpha
 
     def h(self, step: str) -> str:
         c, q = self.config, self.config.quant
         model = config_hash(self._model_id(), __version__)
         stats = config_hash(model, c.calib)
+        if step == "stats":  # before any alpha: a searched alpha (SmoothQuant+) itself needs the stats
+            return stats
         # levels without smoothing do not depend on calibration statistics
         smooth = config_hash(stats, self.alpha) if self.scheme.smooth else config_hash(model, None)
         hashes = {
@@ -306,7 +339,7 @@ class Pipeline:
                 stamp(ref, self.h("ref"), max_rel_vs_torch=err, alpha=self.alpha if self.scheme.smooth else None)
             if not self.scheme.quantizes:
                 return ref, ref
-            plan = make_plan(self.gemm_names(), self.config.quant, scales)
+            plan = self.plan()
             bmm = self._bmm_scales(ref) if self.config.quant.quantize_bmm else None
             qproto = insert_qdq(load_onnx(ref), plan, level=self.config.quant.level, bmm=bmm,
                                 metadata={"sq2trt.alpha": self.alpha if self.scheme.smooth else "none",
@@ -486,7 +519,7 @@ class Pipeline:
 
         if not self.scheme.quantizes:
             return None
-        return make_plan(self.gemm_names(), self.config.quant, self.act_scales())
+        return make_plan(self.gemm_names(), self.config.quant, self.act_scales(), layout=self.arch.layout.value)
 
     def evaluate(self, tasks: Sequence[str] = (), *, task_limit: int = 0, task_data: str | None = None,
                  batch_tokens: int = 4096) -> dict[str, Any]:

@@ -255,7 +255,10 @@ def support_matrix_markdown() -> str:
     rows = [head, "|" + "---|" * (4 + len(BACKENDS))]
     for name, s in LEVELS.items():
         act = "float" if s.act is None else f"{s.act} {'static' if s.act_static else 'dynamic'}"
-        cells = ["yes" if level_support(name, b) is None else "no (dynamic activations)" for b in BACKENDS]
-        rows.append(f"| {name} | {s.weight or 'float'} | {act} | {'yes' if s.smooth else 'no'} | "
-                    + " | ".join(cells) + " |")
+        why = "dynamic activations" if s.act is not None and not s.act_static else "asymmetric weights"
+        cells = ["yes" if level_support(name, b) is None else f"no ({why})" for b in BACKENDS]
+        weights = "float" if s.weight is None else (
+            f"INT{s.weight_bits} {s.weight}" + ("" if s.weight_symmetric else " asymmetric"))
+        smooth = ("yes, searched alpha" if s.alpha_search else "yes") if s.smooth else "no"
+        rows.append(f"| {name} | {weights} | {act} | {smooth} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -16,9 +16,32 @@ from .numerics import smoothing_scales
 log = logging.getLogger(__name__)
 
 
-def _in_absmax(linear: torch.nn.Module, layout: Layout) -> torch.Tensor:
-    w = linear.weight.detach()
-    return (w.abs().amax(dim=0) if layout is Layout.OUT_IN else w.abs().amax(dim=1)).float()  # (in,)
+def _in_absmax(w: torch.Tensor, layout: Layout) -> torch.Tensor:
+    w = w.detach()  # (out, in), (experts, out, in) or, for IN_OUT, (in, out)
+    if layout is Layout.OUT_IN:
+        return w.abs().reshape(-1, w.shape[-1]).amax(dim=0).float()  # (in,)
+    return w.abs().amax(dim=1).float()  # (in,)
+
+
+def _consumer_weight(layer: torch.nn.Module, name: str) -> torch.Tensor:
+    """A consumer's weight: ``<module>.weight``, or a parameter named directly (fused experts)."""
+    mod = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+    sub = getattr(mod, name.rsplit(".", 1)[-1])
+    return sub.weight if isinstance(sub, torch.nn.Module) else sub
+
+
+def _consumer_stats(act_stats: dict[str, torch.Tensor], prefix: str, consumers: tuple[str, ...]) -> torch.Tensor:
+    """max|X_j| of a group's shared input, from the consumers that were calibrated (a parameter consumer
+    shares its owning module's statistics; a floating-point consumer such as a MoE router has none)."""
+    found = []
+    for c in consumers:
+        for key in (prefix + c, (prefix + c).rsplit(".", 1)[0]):
+            if key in act_stats:
+                found.append(act_stats[key])
+                break
+    if not found:
+        raise KeyError(f"no calibration statistics for any of {consumers} under {prefix}")
+    return torch.stack(found).amax(dim=0)
 
 
 def group_scales(model: torch.nn.Module, arch: Arch, act_stats: dict[str, torch.Tensor],
@@ -31,9 +54,9 @@ def group_scales(model: torch.nn.Module, arch: Arch, act_stats: dict[str, torch.
     for i, layer in enumerate(decoder_layers(model, arch)):
         prefix = f"{arch.layers}.{i}."
         for g in arch.groups:
-            consumers = [layer.get_submodule(c) for c in g.consumers]
-            x_absmax = torch.stack([act_stats[prefix + c] for c in g.consumers]).amax(dim=0)
-            w_absmax = torch.stack([_in_absmax(m, arch.layout) for m in consumers]).amax(dim=0)
+            x_absmax = _consumer_stats(act_stats, prefix, g.consumers)
+            w_absmax = torch.stack([_in_absmax(_consumer_weight(layer, c), arch.layout)
+                                    for c in g.consumers]).amax(dim=0)
             scales[prefix + g.producer] = smoothing_scales(x_absmax, w_absmax, alpha)
     return scales
 
@@ -52,8 +75,8 @@ def apply_scales(model: torch.nn.Module, arch: Arch, scales: dict[str, torch.Ten
             if getattr(producer, "bias", None) is not None:
                 producer.bias.div_(s.to(producer.bias.dtype))
             for c in g.consumers:
-                w = layer.get_submodule(c).weight
-                w.mul_((s.view(1, -1) if arch.layout is Layout.OUT_IN else s.view(-1, 1)).to(w.dtype))
+                w = _consumer_weight(layer, c)
+                w.mul_((s if arch.layout is Layout.OUT_IN else s.view(-1, 1)).to(w.dtype))  # in = last axis
 
 
 def smooth(model: torch.nn.Module, arch: Arch, act_stats: dict[str, torch.Tensor],
