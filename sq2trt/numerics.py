@@ -54,3 +54,26 @@ def percentile_absmax(x: torch.Tensor, pct: float, max_elems: int = 1 << 22) -> 
     if flat.numel() > max_elems:
         flat = flat[:: (flat.numel() + max_elems - 1) // max_elems]
     return torch.quantile(flat, pct / 100.0)
+
+
+def head_channel_index(producer_out: int, consumer_in: int, n_kv_heads: int) -> torch.Tensor:
+    """For each consumer input channel, the producer output channel it reads: (consumer_in,).
+
+    Grouped-query attention: o_proj input channel (h, d) of query head h reads v_proj channel
+    (h // n_rep, d), n_rep = n_heads / n_kv = consumer_in / producer_out. Without GQA (n_rep = 1,
+    or a plain Linear -> Linear fold) this is arange(consumer_in).
+    """
+    if consumer_in == producer_out:
+        return torch.arange(consumer_in)
+    if consumer_in % producer_out or producer_out % n_kv_heads:
+        raise ValueError(f"cannot map {consumer_in} consumer channels onto {producer_out} producer channels "
+                         f"in {n_kv_heads} KV heads")
+    head_dim, n_rep = producer_out // n_kv_heads, consumer_in // producer_out
+    kv = torch.arange(n_kv_heads).repeat_interleave(n_rep)  # (n_heads,): KV head of each query head
+    return (kv[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)  # (n_heads * head_dim,)
+
+
+def reduce_max_to(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """max of ``values`` (consumer channels) over the consumer channels that read each producer channel."""
+    out = torch.zeros(size, dtype=values.dtype)
+    return out.scatter_reduce(0, index, values, reduce="amax", include_self=False)

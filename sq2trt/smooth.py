@@ -1,19 +1,24 @@
 """SmoothQuant: migrate activation outliers into weights. The one place that mutates a model.
 
-For a group (producer -> consumer Linears) with per-channel scales ``s`` (in_features,):
-``X' = X diag(s)^-1`` is folded into the producer's output (a norm's weight and bias), and
-``W' = W diag(s)`` into every consumer (columns of an (out, in) weight). The output is unchanged.
+For a group (producer -> consumer Linears) with per-channel scales ``s`` (producer channels,):
+the producer's output is divided by s (a norm's weight and bias, or a Linear's output rows and
+bias — see ``archs.GROUP_KINDS``), and the consumers' input columns are multiplied by s (through
+the GQA head map for attention's v -> o fold). The output is unchanged; the graph gains no op.
 """
 from __future__ import annotations
 
 import logging
+from typing import Iterator, Mapping
 
 import torch
 
-from .archs import Arch, Layout, decoder_layers
-from .numerics import smoothing_scales
+from .archs import GROUP_KINDS, Arch, Group, Layout, decoder_layers
+from .numerics import head_channel_index, reduce_max_to, smoothing_scales
 
 log = logging.getLogger(__name__)
+
+DEFAULT_FOLDS = ("norm",)
+Alpha = float | Mapping[str, float]  # one alpha, or {group kind: alpha} with the arch default for others
 
 
 def _in_absmax(linear: torch.nn.Module, layout: Layout) -> torch.Tensor:
@@ -21,45 +26,128 @@ def _in_absmax(linear: torch.nn.Module, layout: Layout) -> torch.Tensor:
     return (w.abs().amax(dim=0) if layout is Layout.OUT_IN else w.abs().amax(dim=1)).float()  # (in,)
 
 
-def group_scales(model: torch.nn.Module, arch: Arch, act_stats: dict[str, torch.Tensor],
-                 alpha: float) -> dict[str, torch.Tensor]:
-    """``{"<layers>.<i>.<producer>": s}`` for every group of every layer. Pure: reads the model.
+def _out_features(linear: torch.nn.Module, layout: Layout) -> int:
+    return linear.weight.shape[0 if layout is Layout.OUT_IN else 1]
 
-    max|X_j| is the running max of the group's (shared) input; max|W_j| is over the whole group.
-    """
-    scales = {}
-    for i, layer in enumerate(decoder_layers(model, arch)):
+
+def _n_kv_heads(config) -> int:
+    return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+
+
+def enabled_groups(arch: Arch, folds: tuple[str, ...] = DEFAULT_FOLDS) -> list[Group]:
+    return [g for g in arch.groups if GROUP_KINDS[g.kind].fold in folds]
+
+
+def alpha_for(alpha: Alpha, kind: str, default: float) -> float:
+    return float(alpha) if not isinstance(alpha, Mapping) else float(alpha.get(kind, default))
+
+
+def _index(model, layer, arch: Arch, g: Group, consumer: torch.nn.Module) -> torch.Tensor:
+    """Producer channel read by each consumer input channel: (consumer in_features,)."""
+    n_in = consumer.weight.shape[1 if arch.layout is Layout.OUT_IN else 0]
+    if GROUP_KINDS[g.kind].producer == "norm":
+        return torch.arange(n_in)
+    n_out = _out_features(layer.get_submodule(g.producer), arch.layout)
+    n_kv = _n_kv_heads(model.config) if GROUP_KINDS[g.kind].heads else 1
+    return head_channel_index(n_out, n_in, n_kv)
+
+
+def iter_groups(model: torch.nn.Module, arch: Arch, folds: tuple[str, ...]) -> Iterator[tuple[str, str, Group]]:
+    """(layer prefix, producer key, group) for every enabled group of every layer."""
+    for i, _ in enumerate(decoder_layers(model, arch)):
         prefix = f"{arch.layers}.{i}."
-        for g in arch.groups:
-            consumers = [layer.get_submodule(c) for c in g.consumers]
-            x_absmax = torch.stack([act_stats[prefix + c] for c in g.consumers]).amax(dim=0)
-            w_absmax = torch.stack([_in_absmax(m, arch.layout) for m in consumers]).amax(dim=0)
-            scales[prefix + g.producer] = smoothing_scales(x_absmax, w_absmax, alpha)
-    return scales
+        for g in enabled_groups(arch, folds):
+            yield prefix, prefix + g.producer, g
+
+
+def group_inputs(model: torch.nn.Module, arch: Arch, act_stats: Mapping[str, torch.Tensor],
+                 folds: tuple[str, ...] = DEFAULT_FOLDS) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
+    """``{producer key: (x_absmax, w_absmax, kind)}``, both (producer channels,). Pure: reads the model.
+
+    max|X_j| is the running max of the group's (shared) input; max|W_j| is over the whole group;
+    for a GQA fold both are maxed over the query heads that read KV channel j.
+    """
+    layers = decoder_layers(model, arch)
+    out = {}
+    for prefix, key, g in iter_groups(model, arch, folds):
+        layer = layers[int(prefix.rstrip(".").rsplit(".", 1)[1])]
+        xs, ws = [], []
+        for c in g.consumers:
+            m = layer.get_submodule(c)
+            idx = _index(model, layer, arch, g, m)
+            size = int(idx.max()) + 1
+            xs.append(reduce_max_to(act_stats[prefix + c].float(), idx, size))
+            ws.append(reduce_max_to(_in_absmax(m, arch.layout), idx, size))
+        out[key] = (torch.stack(xs).amax(dim=0), torch.stack(ws).amax(dim=0), g.kind)
+    return out
+
+
+def scales_from_inputs(inputs: Mapping[str, tuple[torch.Tensor, torch.Tensor, str]], alpha: Alpha,
+                       default_alpha: float) -> dict[str, torch.Tensor]:
+    return {k: smoothing_scales(x, w, alpha_for(alpha, kind, default_alpha)) for k, (x, w, kind) in inputs.items()}
+
+
+def group_scales(model: torch.nn.Module, arch: Arch, act_stats: Mapping[str, torch.Tensor],
+                 alpha: Alpha, folds: tuple[str, ...] = DEFAULT_FOLDS) -> dict[str, torch.Tensor]:
+    """``{"<layers>.<i>.<producer>": s}`` for every enabled group of every layer. Pure: reads the model.
+
+    ``alpha``: one value, or ``{group kind: alpha}`` (kinds not named get the arch's default).
+    All scales are computed from the model as given (before any of them is folded).
+    """
+    return scales_from_inputs(group_inputs(model, arch, act_stats, folds), alpha, arch.alpha)
+
+
+def _scale_rows(t: torch.Tensor, s: torch.Tensor, dim: int, inverse: bool) -> None:
+    shape = [1] * t.ndim
+    shape[dim] = -1
+    f = s.view(shape).to(t.dtype)
+    t.div_(f) if inverse else t.mul_(f)
 
 
 @torch.no_grad()
-def apply_scales(model: torch.nn.Module, arch: Arch, scales: dict[str, torch.Tensor]) -> None:
-    """Fold ``scales`` (from :func:`group_scales`) into the model, in place."""
-    for i, layer in enumerate(decoder_layers(model, arch)):
-        prefix = f"{arch.layers}.{i}."
-        for g in arch.groups:
-            s = scales[prefix + g.producer]
-            producer = layer.get_submodule(g.producer)
-            if g.kind != "norm":
-                raise NotImplementedError(f"smoothing group kind {g.kind!r}")
+def apply_scales(model: torch.nn.Module, arch: Arch, scales: Mapping[str, torch.Tensor]) -> None:
+    """Fold ``scales`` (from :func:`group_scales`) into the model, in place. Groups whose producer
+    has no entry in ``scales`` are left alone, so the scales file says what was folded."""
+    row_dim, col_dim = (0, 1) if arch.layout is Layout.OUT_IN else (1, 0)
+    for prefix, key, g in iter_groups(model, arch, tuple(dict.fromkeys(k.fold for k in GROUP_KINDS.values()))):
+        s = scales.get(key)
+        if s is None:
+            continue
+        layer = model.get_submodule(prefix.rstrip("."))
+        producer = layer.get_submodule(g.producer)
+        if GROUP_KINDS[g.kind].producer == "norm":
             producer.weight.div_(s.to(producer.weight.dtype))
-            if getattr(producer, "bias", None) is not None:
-                producer.bias.div_(s.to(producer.bias.dtype))
-            for c in g.consumers:
-                w = layer.get_submodule(c).weight
-                w.mul_((s.view(1, -1) if arch.layout is Layout.OUT_IN else s.view(-1, 1)).to(w.dtype))
+        else:
+            _scale_rows(producer.weight, s, row_dim, inverse=True)
+        if getattr(producer, "bias", None) is not None:
+            producer.bias.div_(s.to(producer.bias.dtype))
+        for c in g.consumers:
+            m = layer.get_submodule(c)
+            _scale_rows(m.weight, s[_index(model, layer, arch, g, m)], col_dim, inverse=False)
 
 
-def smooth(model: torch.nn.Module, arch: Arch, act_stats: dict[str, torch.Tensor],
-           alpha: float) -> dict[str, torch.Tensor]:
+def smooth(model: torch.nn.Module, arch: Arch, act_stats: Mapping[str, torch.Tensor], alpha: Alpha,
+           folds: tuple[str, ...] = DEFAULT_FOLDS) -> dict[str, torch.Tensor]:
     """Compute and fold the smoothing scales; returns them (the step's artifact)."""
-    scales = group_scales(model, arch, act_stats, alpha)
+    scales = group_scales(model, arch, act_stats, alpha, folds)
     apply_scales(model, arch, scales)
-    log.info("smoothed %d groups with alpha=%.2f", len(scales), alpha)
+    log.info("smoothed %d groups (folds %s) with alpha=%s", len(scales), ",".join(folds), alpha)
     return scales
+
+
+def smoothed_act_stats(model: torch.nn.Module, arch: Arch, act_stats: Mapping[str, torch.Tensor],
+                       scales: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-channel max|x| at every Linear input once ``scales`` are folded, from the stats of the
+    unsmoothed model: a consumer's input is X / s (exactly, the folds change nothing else), so
+    max|x_j| / s_j — no second calibration pass. Pure: reads the model."""
+    out = dict(act_stats)
+    layers = decoder_layers(model, arch)
+    for prefix, key, g in iter_groups(model, arch, tuple(dict.fromkeys(k.fold for k in GROUP_KINDS.values()))):
+        s = scales.get(key)
+        if s is None:
+            continue
+        layer = layers[int(prefix.rstrip(".").rsplit(".", 1)[1])]
+        for c in g.consumers:
+            idx = _index(model, layer, arch, g, layer.get_submodule(c))
+            out[prefix + c] = act_stats[prefix + c].float() / s[idx]
+    return out
