@@ -167,7 +167,7 @@ class Pipeline:
         starts = calibration_starts(ids.numel(), c.num_samples, c.seq_len, c.seed)
         heldout = heldout_windows(ids, starts, c.seq_len, num=max(2, c.num_samples // 4), window=c.seq_len)
         with self._timed("fallback"):
-            res = auto_fallback(model, plan, self._windows("calib")[:2], heldout, q.max_ppl_increase)
+            res = auto_fallback(model, plan, self._windows("calib")[:2, :256], heldout, q.max_ppl_increase)
         write_json(path, {**res.to_dict(), "heldout_tokens": int(heldout.numel())})
         stamp(path, self.h("fallback"), met=res.met)
         dump_recipe(self.config.replace(quant={"fp_fallback": list(q.fp_fallback) + res.fallback,
