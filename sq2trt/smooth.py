@@ -12,7 +12,7 @@ from typing import Iterator, Mapping
 
 import torch
 
-from .archs import GROUP_KINDS, Arch, Group, Layout, decoder_layers
+from .archs import GROUP_KINDS, SMOOTH_FOLDS, Arch, Group, Layout, decoder_layers
 from .numerics import head_channel_index, reduce_max_to, smoothing_scales
 
 log = logging.getLogger(__name__)
@@ -52,12 +52,16 @@ def _index(model, layer, arch: Arch, g: Group, consumer: torch.nn.Module) -> tor
     return head_channel_index(n_out, n_in, n_kv)
 
 
-def iter_groups(model: torch.nn.Module, arch: Arch, folds: tuple[str, ...]) -> Iterator[tuple[str, str, Group]]:
-    """(layer prefix, producer key, group) for every enabled group of every layer."""
-    for i, _ in enumerate(decoder_layers(model, arch)):
+ALL_FOLDS = SMOOTH_FOLDS  # every fold the table knows
+
+
+def iter_groups(model: torch.nn.Module, arch: Arch,
+                folds: tuple[str, ...]) -> Iterator[tuple[torch.nn.Module, str, str, Group]]:
+    """(layer, layer prefix, producer key, group) for every enabled group of every layer."""
+    for i, layer in enumerate(decoder_layers(model, arch)):
         prefix = f"{arch.layers}.{i}."
         for g in enabled_groups(arch, folds):
-            yield prefix, prefix + g.producer, g
+            yield layer, prefix, prefix + g.producer, g
 
 
 def group_inputs(model: torch.nn.Module, arch: Arch, act_stats: Mapping[str, torch.Tensor],
@@ -67,10 +71,8 @@ def group_inputs(model: torch.nn.Module, arch: Arch, act_stats: Mapping[str, tor
     max|X_j| is the running max of the group's (shared) input; max|W_j| is over the whole group;
     for a GQA fold both are maxed over the query heads that read KV channel j.
     """
-    layers = decoder_layers(model, arch)
     out = {}
-    for prefix, key, g in iter_groups(model, arch, folds):
-        layer = layers[int(prefix.rstrip(".").rsplit(".", 1)[1])]
+    for layer, prefix, key, g in iter_groups(model, arch, folds):
         xs, ws = [], []
         for c in g.consumers:
             m = layer.get_submodule(c)
@@ -109,11 +111,10 @@ def apply_scales(model: torch.nn.Module, arch: Arch, scales: Mapping[str, torch.
     """Fold ``scales`` (from :func:`group_scales`) into the model, in place. Groups whose producer
     has no entry in ``scales`` are left alone, so the scales file says what was folded."""
     row_dim, col_dim = (0, 1) if arch.layout is Layout.OUT_IN else (1, 0)
-    for prefix, key, g in iter_groups(model, arch, tuple(dict.fromkeys(k.fold for k in GROUP_KINDS.values()))):
+    for layer, _, key, g in iter_groups(model, arch, ALL_FOLDS):
         s = scales.get(key)
         if s is None:
             continue
-        layer = model.get_submodule(prefix.rstrip("."))
         producer = layer.get_submodule(g.producer)
         if GROUP_KINDS[g.kind].producer == "norm":
             producer.weight.div_(s.to(producer.weight.dtype))
@@ -141,12 +142,10 @@ def smoothed_act_stats(model: torch.nn.Module, arch: Arch, act_stats: Mapping[st
     unsmoothed model: a consumer's input is X / s (exactly, the folds change nothing else), so
     max|x_j| / s_j — no second calibration pass. Pure: reads the model."""
     out = dict(act_stats)
-    layers = decoder_layers(model, arch)
-    for prefix, key, g in iter_groups(model, arch, tuple(dict.fromkeys(k.fold for k in GROUP_KINDS.values()))):
+    for layer, prefix, key, g in iter_groups(model, arch, ALL_FOLDS):
         s = scales.get(key)
         if s is None:
             continue
-        layer = layers[int(prefix.rstrip(".").rsplit(".", 1)[1])]
         for c in g.consumers:
             idx = _index(model, layer, arch, g, layer.get_submodule(c))
             out[prefix + c] = act_stats[prefix + c].float() / s[idx]
