@@ -23,13 +23,45 @@ class Layout(enum.Enum):
 
 
 @dataclass(frozen=True)
+class GroupKind:
+    """How a smoothing group of one kind folds ``s`` (every fold is exact: it only changes weights).
+
+    producer: ``"norm"`` — a LayerNorm/RMSNorm whose weight (and bias) are divided by s;
+      ``"linear"`` — a Linear whose output rows (and bias) are divided by s.
+    fold: the ``quant.smooth_folds`` option that turns groups of this kind on.
+    heads: the consumer reads the producer through grouped-query attention: consumer input channel
+      (h, d) is producer channel (h // (n_heads / n_kv), d), so one s per KV channel is shared by
+      every query head that reads it.
+    """
+
+    producer: str
+    fold: str
+    heads: bool = False
+    doc: str = ""
+
+
+GROUP_KINDS: dict[str, GroupKind] = {
+    "norm": GroupKind("norm", "norm", doc="a norm and the Linears that read it (generic; alpha key 'norm')"),
+    "qkv": GroupKind("norm", "norm", doc="the paper's fold: attention input norm -> q/k/v"),
+    "mlp_in": GroupKind("norm", "norm", doc="the paper's fold: MLP input norm -> gate/up (OPT: fc1)"),
+    "down": GroupKind("linear", "down", doc=(
+        "up_proj rows -> down_proj columns (SwiGLU: act(gate) * up is linear in up), or fc1 -> ReLU -> "
+        "fc2 (ReLU(a/s) = ReLU(a)/s for s > 0). NO exact fold exists through GELU/SiLU alone (BLOOM, "
+        "Falcon, GPT-2, GPT-J, GPT-NeoX MLPs): rows for those families must not list a 'down' group.")),
+    "o": GroupKind("linear", "o", heads=True, doc=(
+        "v_proj rows (and bias) -> o_proj columns: softmax(QK^T) V mixes tokens, not channels. "
+        "With GQA one s per KV channel.")),
+}
+SMOOTH_FOLDS = tuple(dict.fromkeys(k.fold for k in GROUP_KINDS.values()))  # ("norm", "down", "o")
+
+
+@dataclass(frozen=True)
 class Group:
     """One smoothing group: ``s`` divides the producer's output channels and multiplies the
     input channels of every consumer Linear, so the model's output is unchanged.
 
-    kind:
-      - ``"norm"``: producer is a LayerNorm/RMSNorm (weight, and bias if any, divided by s) —
-        the paper's fold.
+    kind: a key of :data:`GROUP_KINDS` (how s is folded, which ``smooth_folds`` option enables
+    it, and the key of a per-kind alpha).
     """
 
     producer: str
@@ -54,8 +86,10 @@ class Arch:
 
 
 _LLAMA_GROUPS = (
-    Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    Group("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    Group("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "qkv"),
+    Group("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp_in"),
+    Group("mlp.up_proj", ("mlp.down_proj",), "down"),
+    Group("self_attn.v_proj", ("self_attn.o_proj",), "o"),
 )
 _LLAMA_GEMMS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -64,14 +98,17 @@ ARCHS: dict[str, Arch] = {
     "OPTForCausalLM": Arch(
         layers="model.decoder.layers",
         groups=(
-            Group("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-            Group("final_layer_norm", ("fc1",)),
+            Group("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "qkv"),
+            Group("final_layer_norm", ("fc1",), "mlp_in"),
+            Group("fc1", ("fc2",), "down"),  # fc1 -> ReLU -> fc2: exact for OPT's ReLU
+            Group("self_attn.v_proj", ("self_attn.out_proj",), "o"),
         ),
         gemms=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
                "fc1", "fc2"),
         alpha=0.5,
-        requires={"do_layer_norm_before": True},
-        notes="pre-LN OPT (all sizes but 350m, which is post-LN and cannot fold into its norms)",
+        requires={"do_layer_norm_before": True, "activation_function": "relu"},
+        notes="pre-LN OPT (all sizes but 350m, which is post-LN and cannot fold into its norms); "
+              "ReLU MLP (the 'down' fold relies on it)",
     ),
     "LlamaForCausalLM": Arch(layers="model.layers", groups=_LLAMA_GROUPS, gemms=_LLAMA_GEMMS, alpha=0.85,
                              notes="Llama-2/3, SmolLM2; alpha 0.85 (0.9 for Llama-2-70B)"),
@@ -148,6 +185,10 @@ ARCH_VARIANTS: dict[str, tuple[Arch, ...]] = {
              notes="sequential Falcon (parallel_attn=False): two norms"),
     ),
 }
+
+_bad = [(n, g.kind) for n, a in ARCHS.items() for g in a.groups if g.kind not in GROUP_KINDS]
+if _bad:  # a table typo must fail at import, not as a KeyError mid-run
+    raise UnsupportedArchitectureError(f"unknown smoothing group kinds in ARCHS: {_bad}; known: {list(GROUP_KINDS)}")
 
 
 def arch_name(model_or_config: Any) -> str:

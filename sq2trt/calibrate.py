@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -16,6 +16,7 @@ from .numerics import percentile_absmax
 log = logging.getLogger(__name__)
 
 Reducer = Callable[[torch.Tensor], torch.Tensor]  # x (..., in_features) -> statistic
+Update = Callable[[Any, torch.Tensor], Any]  # (running statistic or None, x) -> new running statistic
 
 
 def per_channel_absmax(x: torch.Tensor) -> torch.Tensor:
@@ -31,8 +32,7 @@ def per_tensor_percentile(pct: float) -> Reducer:
 
 
 @contextmanager
-def _hooks(model: torch.nn.Module, names: Iterable[str], reducer: Reducer,
-           stats: dict[str, torch.Tensor]) -> Iterator[None]:
+def _hooks(model: torch.nn.Module, names: Iterable[str], update: Update, stats: dict[str, Any]) -> Iterator[None]:
     handles = []
     for name in names:
         module = model.get_submodule(name)
@@ -43,9 +43,7 @@ def _hooks(model: torch.nn.Module, names: Iterable[str], reducer: Reducer,
                 raise NonFiniteActivationError(
                     f"NaN or Inf in the input of {_name} during calibration; the model overflows on this "
                     "text in float32 (check the model weights, or use other calibration text)")
-            val = reducer(x)
-            prev = stats.get(_name)
-            stats[_name] = val if prev is None else torch.maximum(prev, val)
+            stats[_name] = update(stats.get(_name), x)
 
         handles.append(module.register_forward_pre_hook(hook))
     try:
@@ -68,9 +66,20 @@ def _forward_body(model: torch.nn.Module) -> torch.nn.Module:
 def collect(model: torch.nn.Module, names: list[str], windows: torch.Tensor, reducer: Reducer,
             batch_size: int = 4, progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """Run ``windows`` (num, seq_len) through the model; return ``{name: running max of reducer}``."""
-    stats: dict[str, torch.Tensor] = {}
+    def running_max(prev, x):
+        val = reducer(x)
+        return val if prev is None else torch.maximum(prev, val)
+
+    return collect_with(model, names, windows, running_max, batch_size, progress)
+
+
+@torch.no_grad()
+def collect_with(model: torch.nn.Module, names: list[str], windows: torch.Tensor, update: Update,
+                 batch_size: int = 4, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Like :func:`collect` with any running reduction, e.g. ``clipping.hist_update`` (histograms)."""
+    stats: dict[str, Any] = {}
     body = _forward_body(model)
-    with _hooks(model, names, reducer, stats):
+    with _hooks(model, names, update, stats):
         for i in range(0, windows.shape[0], batch_size):
             batch = windows[i: i + batch_size]
             body(input_ids=batch, use_cache=False)

@@ -29,6 +29,8 @@ def _flag_type(tp: Any):
     tp = str(tp)
     if "bool" in tp:
         return "bool"
+    if "dict" in tp:  # key=value,key=value
+        return lambda s: {k.strip(): float(v) for k, v in (kv.split("=", 1) for kv in s.split(",") if kv.strip())}
     if "tuple" in tp:
         return lambda s: tuple(x.strip() for x in s.split(",") if x.strip())
     if "float" in tp:
@@ -46,7 +48,9 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="allow model code from the hub (off unless asked)")
     hints = {"level": f"one of {', '.join(LEVELS)}", "alpha": "migration strength in [0, 1] (default: the "
-             "architecture's)", "fp_fallback": "comma-separated module-name suffixes kept in floating point"}
+             "architecture's)", "fp_fallback": "comma-separated module-name suffixes kept in floating point",
+             "smooth_folds": "comma-separated exact folds: norm,down,o", "alpha_by_kind": "per group kind, "
+             "e.g. down=0.6,o=0.5", "max_ppl_increase": "automatic FP fallback target, e.g. 0.01 (= 1%%)"}
     for section, cls, prefix in _SECTIONS:
         hints_cls = typing.get_type_hints(cls)
         for f in fields(cls):

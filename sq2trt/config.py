@@ -131,7 +131,7 @@ def get_level(level: str) -> Scheme:
 
 # --------------------------------------------------------------------------- run configuration
 WEIGHT_GRANULARITIES = ("per-tensor", "per-channel")
-ACT_CLIPS = ("max", "percentile")
+ACT_CLIPS = ("max", "percentile", "mse")  # mse: clip minimising E[(x - fakequant_c(x))^2] (sq2trt.clipping)
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,9 @@ class QuantConfig:
     act_percentile: float = 99.99
     quantize_bmm: bool = False
     fp_fallback: tuple[str, ...] = ()  # module-name suffixes kept in floating point, e.g. "mlp.down_proj"
+    smooth_folds: tuple[str, ...] = ("norm",)  # exact folds to apply: archs.SMOOTH_FOLDS ("norm", "down", "o")
+    alpha_by_kind: dict[str, float] = field(default_factory=dict)  # {group kind: alpha}, e.g. {"down": 0.6}
+    max_ppl_increase: float = 0.0  # > 0: keep the fewest GEMMs in FP meeting this (0.01 = 1%) (sq2trt.fallback)
 
     def __post_init__(self) -> None:
         get_level(self.level)
@@ -153,6 +156,16 @@ class QuantConfig:
                               f"{self.weight_granularity!r}")
         if self.act_clip not in ACT_CLIPS:
             raise ConfigError(f"act_clip must be one of {ACT_CLIPS}, got {self.act_clip!r}")
+        from .archs import GROUP_KINDS, SMOOTH_FOLDS
+
+        bad = [f for f in self.smooth_folds if f not in SMOOTH_FOLDS]
+        if bad or not self.smooth_folds:
+            raise ConfigError(f"smooth_folds must be a non-empty subset of {SMOOTH_FOLDS}, got {list(self.smooth_folds)}")
+        for kind, a in dict(self.alpha_by_kind).items():
+            if kind not in GROUP_KINDS or not (0.0 <= float(a) <= 1.0):
+                raise ConfigError(f"alpha_by_kind: {kind}={a} invalid; kinds are {list(GROUP_KINDS)}, alphas in [0, 1]")
+        if not (0.0 <= float(self.max_ppl_increase) < 10.0):
+            raise ConfigError(f"max_ppl_increase is a fraction (0.01 = 1%), got {self.max_ppl_increase}")
         if not (50.0 < float(self.act_percentile) <= 100.0):
             raise ConfigError(f"act_percentile must be in (50, 100], got {self.act_percentile}")
 
@@ -198,6 +211,8 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["quant"]["fp_fallback"] = list(self.quant.fp_fallback)
+        d["quant"]["smooth_folds"] = list(self.quant.smooth_folds)
+        d["quant"]["alpha_by_kind"] = dict(sorted(self.quant.alpha_by_kind.items()))
         return d
 
     @classmethod
@@ -228,8 +243,10 @@ def _build(cls: type, d: Mapping[str, Any], where: str):
         sub = _SECTIONS.get(name) if cls is Config else None
         if sub is not None:
             kwargs[name] = _build(sub, value or {}, f"{where}.{name}")
-        elif name == "fp_fallback":
+        elif name in ("fp_fallback", "smooth_folds"):
             kwargs[name] = tuple(value or ())
+        elif name == "alpha_by_kind":
+            kwargs[name] = {str(k): float(v) for k, v in sorted(dict(value or {}).items())}
         else:
             kwargs[name] = value
     try:

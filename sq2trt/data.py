@@ -84,9 +84,13 @@ def calibration_windows(ids: torch.Tensor, num: int, seq_len: int, seed: int) ->
                                    f"{seq_len}; give more text or a smaller --calib-seq-len")
     if n < num * seq_len:
         log.warning("calibration text has %d tokens < %d x %d: windows will overlap", n, num, seq_len)
+    return torch.stack([ids[s: s + seq_len] for s in calibration_starts(n, num, seq_len, seed)])
+
+
+def calibration_starts(n_tokens: int, num: int, seq_len: int, seed: int) -> list[int]:
+    """Start offsets of :func:`calibration_windows` (so held-out text can avoid them)."""
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, n - seq_len + 1, (num,), generator=g)
-    return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
+    return torch.randint(0, n_tokens - seq_len + 1, (num,), generator=g).tolist()
 
 
 def eval_windows(ids: torch.Tensor, window: int, max_tokens: int = 0) -> torch.Tensor:

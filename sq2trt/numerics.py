@@ -109,3 +109,26 @@ def dynamic_scale(x: torch.Tensor, per_token: bool) -> torch.Tensor:
     """Run-time INT8 scale of an activation: () per tensor, (..., 1) per token (last axis reduced)."""
     amax = x.detach().abs().amax(dim=-1, keepdim=True) if per_token else x.detach().abs().amax()
     return (amax.float() / QMAX).clamp(min=MIN_SCALE)
+
+
+def head_channel_index(producer_out: int, consumer_in: int, n_kv_heads: int) -> torch.Tensor:
+    """For each consumer input channel, the producer output channel it reads: (consumer_in,).
+
+    Grouped-query attention: o_proj input channel (h, d) of query head h reads v_proj channel
+    (h // n_rep, d), n_rep = n_heads / n_kv = consumer_in / producer_out. Without GQA (n_rep = 1,
+    or a plain Linear -> Linear fold) this is arange(consumer_in).
+    """
+    if consumer_in == producer_out:
+        return torch.arange(consumer_in)
+    if consumer_in % producer_out or producer_out % n_kv_heads:
+        raise ValueError(f"cannot map {consumer_in} consumer channels onto {producer_out} producer channels "
+                         f"in {n_kv_heads} KV heads")
+    head_dim, n_rep = producer_out // n_kv_heads, consumer_in // producer_out
+    kv = torch.arange(n_kv_heads).repeat_interleave(n_rep)  # (n_heads,): KV head of each query head
+    return (kv[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)  # (n_heads * head_dim,)
+
+
+def reduce_max_to(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """max of ``values`` (consumer channels) over the consumer channels that read each producer channel."""
+    out = torch.zeros(size, dtype=values.dtype)
+    return out.scatter_reduce(0, index, values, reduce="amax", include_self=False)

@@ -132,7 +132,8 @@ class Pipeline:
         if step == "stats":  # before any alpha: a searched alpha (SmoothQuant+) itself needs the stats
             return stats
         # levels without smoothing do not depend on calibration statistics
-        smooth = config_hash(stats, self.alpha) if self.scheme.smooth else config_hash(model, None)
+        smooth = (config_hash(stats, self.alpha, q.smooth_folds, q.alpha_by_kind) if self.scheme.smooth
+                  else config_hash(model, None))
         hashes = {
             "stats": stats,
             "base": config_hash(model, c.opset),
@@ -140,6 +141,7 @@ class Pipeline:
             "scales": config_hash(smooth, c.calib, q.act_clip,
                                   q.act_percentile if q.act_clip == "percentile" else None),
         }
+        hashes["fallback"] = config_hash(hashes["scales"], q.weight_granularity, q.fp_fallback, q.max_ppl_increase)
         hashes["ref"] = config_hash(hashes["base"], smooth)
         hashes["quant"] = config_hash(hashes["ref"], hashes["scales"], q)
         hashes["engine"] = config_hash(hashes["quant"], "ort", self.device)
@@ -177,7 +179,7 @@ class Pipeline:
         return get_arch(self.loaded.model)
 
     def gemm_names(self, *, with_fallback: bool = False) -> list[str]:
-        skip = () if with_fallback else self.config.quant.fp_fallback
+        skip = () if with_fallback else self.fp_fallback()
         return quantized_linear_names(self.loaded.model, self.arch, skip=skip)
 
     def _token_ids(self, source: str) -> torch.Tensor:
@@ -186,6 +188,47 @@ class Pipeline:
         if source not in self._tokens:
             self._tokens[source] = tokenize(load_text(source), self.loaded.tokenizer)
         return self._tokens[source]
+
+    def fp_fallback(self) -> tuple[str, ...]:
+        """The user's ``fp_fallback`` plus, when ``max_ppl_increase`` > 0, the automatic one
+        (sq2trt.fallback); the automatic step writes fallback.json and <level>/recipe.yaml."""
+        q = self.config.quant
+        if q.max_ppl_increase <= 0 or not self.scheme.quantizes:
+            return q.fp_fallback
+        path = self.path("fallback.json")
+        if not self._reuse(path, "fallback"):
+            self._auto_fallback(path)
+        return tuple(q.fp_fallback) + tuple(read_json(path)["fallback"])
+
+    def _auto_fallback(self, path: Path) -> None:
+        from .config import dump_recipe
+        from .data import calibration_starts
+        from .fallback import auto_fallback, heldout_windows
+        from .plan import make_plan
+
+        q, c = self.config.quant, self.config.calib
+        scales = self.act_scales()
+        model = self.prepared_model()
+        plan = make_plan(quantized_linear_names(model, self.arch, skip=q.fp_fallback), q, scales,
+                         layout=self.arch.layout.value)
+        ids = self._token_ids(c.data)
+        starts = calibration_starts(ids.numel(), c.num_samples, c.seq_len, c.seed)
+        heldout = heldout_windows(ids, starts, c.seq_len, num=max(2, c.num_samples // 4), window=c.seq_len)
+        with self._timed("fallback"):
+            res = auto_fallback(model, plan, self._windows("calib")[:2, :256], heldout, q.max_ppl_increase)
+        write_json(path, {**res.to_dict(), "heldout_tokens": int(heldout.numel())})
+        stamp(path, self.h("fallback"), met=res.met)
+        dump_recipe(self.config.replace(quant={"fp_fallback": list(q.fp_fallback) + res.fallback,
+                                               "max_ppl_increase": 0.0}),
+                    self.path("recipe.yaml"), family=self.arch_name(),
+                    notes=f"automatic FP fallback for max_ppl_increase={q.max_ppl_increase}: {len(res.fallback)} "
+                          f"GEMMs, held-out calibration ppl increase {res.increase:.4f} "
+                          f"({'met' if res.met else 'NOT met'})")
+
+    def arch_name(self) -> str:
+        from .archs import arch_name
+
+        return arch_name(self.loaded.model)
 
     def _windows(self, which: str) -> torch.Tensor:
         from .data import calibration_windows, eval_windows
@@ -199,12 +242,14 @@ class Pipeline:
             return eval_windows(ids, e.window, e.max_tokens)
         return eval_windows(ids, e.compare_seq_len)[: e.compare_samples]  # "compare"
 
-    def _collect(self, desc: str, names: list[str], reducer) -> dict[str, torch.Tensor]:
-        from .calibrate import collect
+    def _collect(self, desc: str, names: list[str], reducer, *, running: bool = False) -> dict[str, Any]:
+        from .calibrate import collect, collect_with
 
         windows = self._windows("calib")
         bar = self._progress(desc, windows.shape[0])
         try:
+            if running:  # reducer is an Update: (prev, x) -> new
+                return collect_with(self.loaded.model, names, windows, reducer, progress=bar.update)
             return collect(self.loaded.model, names, windows, reducer, progress=bar.update)
         finally:
             bar.close()
@@ -237,6 +282,7 @@ class Pipeline:
         from safetensors.torch import load_file, save_file
 
         from .artifacts import atomic_path
+        from .archs import GROUP_KINDS
         from .smooth import group_scales
 
         if not self.scheme.smooth:
@@ -247,10 +293,13 @@ class Pipeline:
             stats = load_file(str(self.calibrate()))
             self._require_raw_model()
             with self._timed("smooth"):
-                scales = group_scales(self.loaded.model, self.arch, stats, self.alpha)
+                q = self.config.quant
+                alpha = {**{k: self.alpha for k in GROUP_KINDS}, **q.alpha_by_kind}
+                scales = group_scales(self.loaded.model, self.arch, stats, alpha, q.smooth_folds)
             with atomic_path(path) as tmp:
                 save_file({k: v.contiguous() for k, v in scales.items()}, str(tmp))
-            stamp(path, self.h("smooth"), alpha=self.alpha)
+            stamp(path, self.h("smooth"), alpha=self.alpha, alpha_by_kind=q.alpha_by_kind,
+                  smooth_folds=list(q.smooth_folds))
         self._apply_smoothing(path)
         return path
 
@@ -277,7 +326,7 @@ class Pipeline:
 
     def act_scales(self) -> dict[str, float]:
         """Static per-tensor clip values (max or percentile of |x|) on the smoothed model."""
-        from .calibrate import per_tensor_absmax, per_tensor_percentile
+        from .calibrate import per_tensor_absmax
 
         if self.scheme.act is None or not self.scheme.act_static:
             return {}
@@ -286,10 +335,16 @@ class Pipeline:
             return read_json(path)
         self.prepared_model()
         q = self.config.quant
-        reducer = per_tensor_absmax if q.act_clip == "max" else per_tensor_percentile(q.act_percentile)
         with self._timed("calibrate_static"):
-            stats = self._collect(f"calibrate (static {q.act_clip})", self.gemm_names(with_fallback=True), reducer)
-        scales = {k: float(v) for k, v in stats.items()}
+            if q.act_clip == "max":
+                stats = self._collect("calibrate (static max)", self.gemm_names(with_fallback=True), per_tensor_absmax)
+                scales = {k: float(v) for k, v in stats.items()}
+            else:  # one running |x| histogram per tensor, then percentile / MSE-optimal clip
+                from .clipping import clip_from_hist, hist_update
+
+                hists = self._collect(f"calibrate (static {q.act_clip})", self.gemm_names(with_fallback=True),
+                                      hist_update, running=True)
+                scales = {k: clip_from_hist(h, q.act_clip, q.act_percentile) for k, h in hists.items()}
         write_json(path, scales)
         stamp(path, self.h("scales"), act_clip=q.act_clip)
         return scales
@@ -348,7 +403,7 @@ class Pipeline:
             # PyTorch fake quantization models the Linears only: with quantized BMMs the graph is
             # not checked here (None) rather than checked against a wrong reference.
             check = None if bmm else self._check_export(quant, ref, plan)
-            stamp(quant, self.h("quant"), gemms=len(plan), fp_fallback=list(self.config.quant.fp_fallback),
+            stamp(quant, self.h("quant"), gemms=len(plan), fp_fallback=list(self.fp_fallback()),
                   export_check=check)
         return ref, quant
 

@@ -1,19 +1,24 @@
 """SmoothQuant: migrate activation outliers into weights. The one place that mutates a model.
 
-For a group (producer -> consumer Linears) with per-channel scales ``s`` (in_features,):
-``X' = X diag(s)^-1`` is folded into the producer's output (a norm's weight and bias), and
-``W' = W diag(s)`` into every consumer (columns of an (out, in) weight). The output is unchanged.
+For a group (producer -> consumer Linears) with per-channel scales ``s`` (producer channels,):
+the producer's output is divided by s (a norm's weight and bias, or a Linear's output rows and
+bias — see ``archs.GROUP_KINDS``), and the consumers' input columns are multiplied by s (through
+the GQA head map for attention's v -> o fold). The output is unchanged; the graph gains no op.
 """
 from __future__ import annotations
 
 import logging
+from typing import Iterator, Mapping
 
 import torch
 
-from .archs import Arch, Layout, decoder_layers
-from .numerics import smoothing_scales
+from .archs import GROUP_KINDS, SMOOTH_FOLDS, Arch, Group, Layout, decoder_layers
+from .numerics import head_channel_index, reduce_max_to, smoothing_scales
 
 log = logging.getLogger(__name__)
+
+DEFAULT_FOLDS = ("norm",)
+Alpha = float | Mapping[str, float]  # one alpha, or {group kind: alpha} with the arch default for others
 
 
 def _in_absmax(w: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -30,59 +35,142 @@ def _consumer_weight(layer: torch.nn.Module, name: str) -> torch.Tensor:
     return sub.weight if isinstance(sub, torch.nn.Module) else sub
 
 
-def _consumer_stats(act_stats: dict[str, torch.Tensor], prefix: str, consumers: tuple[str, ...]) -> torch.Tensor:
-    """max|X_j| of a group's shared input, from the consumers that were calibrated (a parameter consumer
-    shares its owning module's statistics; a floating-point consumer such as a MoE router has none)."""
-    found = []
-    for c in consumers:
-        for key in (prefix + c, (prefix + c).rsplit(".", 1)[0]):
-            if key in act_stats:
-                found.append(act_stats[key])
-                break
-    if not found:
-        raise KeyError(f"no calibration statistics for any of {consumers} under {prefix}")
-    return torch.stack(found).amax(dim=0)
+def _consumer_stat(act_stats: Mapping[str, torch.Tensor], prefix: str, consumer: str) -> torch.Tensor | None:
+    """max|X_j| at a consumer's input: its own statistics, or its owning module's for a parameter
+    consumer (fused experts); None for a floating-point consumer such as a MoE router."""
+    for key in (prefix + consumer, (prefix + consumer).rsplit(".", 1)[0]):
+        if key in act_stats:
+            return act_stats[key]
+    return None
 
 
-def group_scales(model: torch.nn.Module, arch: Arch, act_stats: dict[str, torch.Tensor],
-                 alpha: float) -> dict[str, torch.Tensor]:
-    """``{"<layers>.<i>.<producer>": s}`` for every group of every layer. Pure: reads the model.
+def _out_features(linear: torch.nn.Module, layout: Layout) -> int:
+    return linear.weight.shape[0 if layout is Layout.OUT_IN else 1]
 
-    max|X_j| is the running max of the group's (shared) input; max|W_j| is over the whole group.
-    """
-    scales = {}
+
+def _n_kv_heads(config) -> int:
+    return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+
+
+def enabled_groups(arch: Arch, folds: tuple[str, ...] = DEFAULT_FOLDS) -> list[Group]:
+    return [g for g in arch.groups if GROUP_KINDS[g.kind].fold in folds]
+
+
+def alpha_for(alpha: Alpha, kind: str, default: float) -> float:
+    return float(alpha) if not isinstance(alpha, Mapping) else float(alpha.get(kind, default))
+
+
+def _index(model, layer, arch: Arch, g: Group, weight: torch.Tensor) -> torch.Tensor:
+    """Producer channel read by each consumer input channel: (consumer in_features,)."""
+    n_in = weight.shape[-1 if arch.layout is Layout.OUT_IN else 0]
+    if GROUP_KINDS[g.kind].producer == "norm":
+        return torch.arange(n_in)
+    n_out = _out_features(layer.get_submodule(g.producer), arch.layout)
+    n_kv = _n_kv_heads(model.config) if GROUP_KINDS[g.kind].heads else 1
+    return head_channel_index(n_out, n_in, n_kv)
+
+
+ALL_FOLDS = SMOOTH_FOLDS  # every fold the table knows
+
+
+def iter_groups(model: torch.nn.Module, arch: Arch,
+                folds: tuple[str, ...]) -> Iterator[tuple[torch.nn.Module, str, str, Group]]:
+    """(layer, layer prefix, producer key, group) for every enabled group of every layer."""
     for i, layer in enumerate(decoder_layers(model, arch)):
         prefix = f"{arch.layers}.{i}."
-        for g in arch.groups:
-            x_absmax = _consumer_stats(act_stats, prefix, g.consumers)
-            w_absmax = torch.stack([_in_absmax(_consumer_weight(layer, c), arch.layout)
-                                    for c in g.consumers]).amax(dim=0)
-            scales[prefix + g.producer] = smoothing_scales(x_absmax, w_absmax, alpha)
-    return scales
+        for g in enabled_groups(arch, folds):
+            yield layer, prefix, prefix + g.producer, g
+
+
+def group_inputs(model: torch.nn.Module, arch: Arch, act_stats: Mapping[str, torch.Tensor],
+                 folds: tuple[str, ...] = DEFAULT_FOLDS) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
+    """``{producer key: (x_absmax, w_absmax, kind)}``, both (producer channels,). Pure: reads the model.
+
+    max|X_j| is the running max of the group's (shared) input; max|W_j| is over the whole group;
+    for a GQA fold both are maxed over the query heads that read KV channel j.
+    """
+    out = {}
+    for layer, prefix, key, g in iter_groups(model, arch, folds):
+        xs, ws = [], []
+        for c in g.consumers:
+            w = _consumer_weight(layer, c)
+            idx = _index(model, layer, arch, g, w)
+            size = int(idx.max()) + 1
+            stat = _consumer_stat(act_stats, prefix, c)
+            if stat is not None:  # a floating-point consumer (MoE router) has no statistics: weights only
+                xs.append(reduce_max_to(stat.float(), idx, size))
+            ws.append(reduce_max_to(_in_absmax(w, arch.layout), idx, size))
+        if not xs:
+            raise KeyError(f"no calibration statistics for any of {g.consumers} under {prefix}")
+        out[key] = (torch.stack(xs).amax(dim=0), torch.stack(ws).amax(dim=0), g.kind)
+    return out
+
+
+def scales_from_inputs(inputs: Mapping[str, tuple[torch.Tensor, torch.Tensor, str]], alpha: Alpha,
+                       default_alpha: float) -> dict[str, torch.Tensor]:
+    return {k: smoothing_scales(x, w, alpha_for(alpha, kind, default_alpha)) for k, (x, w, kind) in inputs.items()}
+
+
+def group_scales(model: torch.nn.Module, arch: Arch, act_stats: Mapping[str, torch.Tensor],
+                 alpha: Alpha, folds: tuple[str, ...] = DEFAULT_FOLDS) -> dict[str, torch.Tensor]:
+    """``{"<layers>.<i>.<producer>": s}`` for every enabled group of every layer. Pure: reads the model.
+
+    ``alpha``: one value, or ``{group kind: alpha}`` (kinds not named get the arch's default).
+    All scales are computed from the model as given (before any of them is folded).
+    """
+    return scales_from_inputs(group_inputs(model, arch, act_stats, folds), alpha, arch.alpha)
+
+
+def _scale_rows(t: torch.Tensor, s: torch.Tensor, dim: int, inverse: bool) -> None:
+    shape = [1] * t.ndim
+    shape[dim] = -1
+    f = s.view(shape).to(t.dtype)
+    t.div_(f) if inverse else t.mul_(f)
 
 
 @torch.no_grad()
-def apply_scales(model: torch.nn.Module, arch: Arch, scales: dict[str, torch.Tensor]) -> None:
-    """Fold ``scales`` (from :func:`group_scales`) into the model, in place."""
-    for i, layer in enumerate(decoder_layers(model, arch)):
-        prefix = f"{arch.layers}.{i}."
-        for g in arch.groups:
-            s = scales[prefix + g.producer]
-            producer = layer.get_submodule(g.producer)
-            if g.kind != "norm":
-                raise NotImplementedError(f"smoothing group kind {g.kind!r}")
+def apply_scales(model: torch.nn.Module, arch: Arch, scales: Mapping[str, torch.Tensor]) -> None:
+    """Fold ``scales`` (from :func:`group_scales`) into the model, in place. Groups whose producer
+    has no entry in ``scales`` are left alone, so the scales file says what was folded."""
+    row_dim, col_dim = (0, 1) if arch.layout is Layout.OUT_IN else (1, 0)
+    for layer, _, key, g in iter_groups(model, arch, ALL_FOLDS):
+        s = scales.get(key)
+        if s is None:
+            continue
+        producer = layer.get_submodule(g.producer)
+        if GROUP_KINDS[g.kind].producer == "norm":
             producer.weight.div_(s.to(producer.weight.dtype))
-            if getattr(producer, "bias", None) is not None:
-                producer.bias.div_(s.to(producer.bias.dtype))
-            for c in g.consumers:
-                w = _consumer_weight(layer, c)
-                w.mul_((s if arch.layout is Layout.OUT_IN else s.view(-1, 1)).to(w.dtype))  # in = last axis
+        else:
+            _scale_rows(producer.weight, s, row_dim, inverse=True)
+        if getattr(producer, "bias", None) is not None:
+            producer.bias.div_(s.to(producer.bias.dtype))
+        for c in g.consumers:
+            w = _consumer_weight(layer, c)  # input channels: last axis (OUT_IN, incl. 3-D experts) or 0
+            _scale_rows(w, s[_index(model, layer, arch, g, w)], w.ndim - 1 if col_dim == 1 else 0, inverse=False)
 
 
-def smooth(model: torch.nn.Module, arch: Arch, act_stats: dict[str, torch.Tensor],
-           alpha: float) -> dict[str, torch.Tensor]:
+def smooth(model: torch.nn.Module, arch: Arch, act_stats: Mapping[str, torch.Tensor], alpha: Alpha,
+           folds: tuple[str, ...] = DEFAULT_FOLDS) -> dict[str, torch.Tensor]:
     """Compute and fold the smoothing scales; returns them (the step's artifact)."""
-    scales = group_scales(model, arch, act_stats, alpha)
+    scales = group_scales(model, arch, act_stats, alpha, folds)
     apply_scales(model, arch, scales)
-    log.info("smoothed %d groups with alpha=%.2f", len(scales), alpha)
+    log.info("smoothed %d groups (folds %s) with alpha=%s", len(scales), ",".join(folds), alpha)
     return scales
+
+
+def smoothed_act_stats(model: torch.nn.Module, arch: Arch, act_stats: Mapping[str, torch.Tensor],
+                       scales: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-channel max|x| at every Linear input once ``scales`` are folded, from the stats of the
+    unsmoothed model: a consumer's input is X / s (exactly, the folds change nothing else), so
+    max|x_j| / s_j — no second calibration pass. Pure: reads the model."""
+    out = dict(act_stats)
+    for layer, prefix, key, g in iter_groups(model, arch, ALL_FOLDS):
+        s = scales.get(key)
+        if s is None:
+            continue
+        for c in g.consumers:
+            if prefix + c not in act_stats:  # parameter consumers / floating-point router
+                continue
+            idx = _index(model, layer, arch, g, _consumer_weight(layer, c))
+            out[prefix + c] = act_stats[prefix + c].float() / s[idx]
+    return out
