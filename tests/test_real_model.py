@@ -22,15 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_make_engine_on_smollm2(smollm2, calib_text, eval_text, tmp_path):
+    # CI sets SQ2TRT_CI_OUT so the reports outlive the test: .ci/run gates them with
+    # `sq2trt report --check .ci/thresholds.yaml` and keeps them as CI output.
+    out = Path(os.environ.get("SQ2TRT_CI_OUT") or tmp_path)
     models = smollm2.parent.parent  # build/models (make fetch-model layout) or wherever it lives
-    cmd = ["make", "engine", f"OUT={tmp_path}", f"MODELS={models}", f"CALIB={calib_text}", f"EVAL={eval_text}",
+    cmd = ["make", "engine", f"OUT={out}", f"MODELS={models}", f"CALIB={calib_text}", f"EVAL={eval_text}",
            "LEVELS=fp,O3", "CALIB_SAMPLES=8", "CALIB_LEN=256", "EVAL_TOKENS=4096", "EVAL_WINDOW=1024",
            "EXTRA=-q --eval-compare-samples 2"]
     if smollm2.parent.name != "smollm2":
         pytest.skip("the make target expects <MODELS>/smollm2/<file>.gguf; set SQ2TRT_SMOLLM2 accordingly")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "CI": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    model_dir = next(tmp_path.glob("smollm2*"))
+    model_dir = next(out.glob("smollm2*"))
     fp = json.loads((model_dir / "fp" / "report.json").read_text())["compare"]
     o3 = json.loads((model_dir / "O3" / "report.json").read_text())["compare"]
     ppl_fp, ppl_o3 = fp["ppl"]["engine"], o3["ppl"]["engine"]
