@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ from sq2trt.calibrate import collect, collect_with, per_channel_absmax
 from sq2trt.clipping import clip_from_hist, hist_update
 from sq2trt.config import QuantConfig
 from sq2trt.data import calibration_starts, calibration_windows, eval_windows, load_text, tokenize
-from sq2trt.evaluate import window_nll
+from sq2trt.evaluate import perplexity, torch_logits_fn
 from sq2trt.fakequant import fake_quantized
 from sq2trt.fallback import auto_fallback, heldout_windows
 from sq2trt.models import load_model
@@ -47,12 +46,7 @@ def say(msg: str) -> None:
 
 
 def ppl(model, windows) -> float:
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for w in windows:
-            s, c = window_nll(model(input_ids=w[None], use_cache=False).logits, w[None])
-            total, count = total + s, count + c
-    return math.exp(total / count)
+    return perplexity(torch_logits_fn(model), windows)
 
 
 def main() -> None:

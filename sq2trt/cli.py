@@ -80,7 +80,8 @@ def _tqdm_progress(quiet: bool):
         return None
     from tqdm import tqdm
 
-    return lambda desc, total: tqdm(total=total, desc=desc, unit="seq", leave=False, file=sys.stderr)
+    # disable=None: bars on a terminal, none in logs (CI); the INFO line per step remains
+    return lambda desc, total: tqdm(total=total, desc=desc, unit="seq", leave=False, file=sys.stderr, disable=None)
 
 
 def _pipeline(args: argparse.Namespace, config: Config | None = None):

@@ -259,20 +259,26 @@ _SECTIONS = {"quant": QuantConfig, "calib": CalibConfig, "eval": EvalConfig, "tr
 
 
 # --------------------------------------------------------------------------- recipes
-def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a recipe YAML into a nested dict of Config fields (``family`` and ``notes`` are
-    descriptive keys and are dropped)."""
+def read_yaml_mapping(path: str | os.PathLike, what: str, hint: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping, with typed errors naming ``what`` it is."""
     import yaml
 
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}
     except FileNotFoundError:
-        raise ConfigError(f"recipe not found: {path}; see recipes/ for the shipped ones") from None
+        raise ConfigError(f"{what} not found: {path}; {hint}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"recipe {path}: top level must be a mapping")
+        raise ConfigError(f"{what} {path}: top level must be a mapping")
+    return data
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a recipe YAML into a nested dict of Config fields (``family`` and ``notes`` are
+    descriptive keys and are dropped)."""
+    data = read_yaml_mapping(path, "recipe", "see recipes/ for the shipped ones")
     data = {k: v for k, v in data.items() if k not in ("family", "notes")}
     Config.from_dict(data)  # validate now, with the recipe's name in the error
     return data

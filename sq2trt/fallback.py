@@ -15,7 +15,6 @@ Pure pieces (:func:`rank`, :func:`greedy`, :func:`heldout_windows`) take numbers
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -87,14 +86,9 @@ def heldout_windows(ids: torch.Tensor, used_starts: Sequence[int], seq_len: int,
 
 
 def _nll_ppl(model: torch.nn.Module, windows: torch.Tensor) -> float:
-    from .evaluate import window_nll
+    from .evaluate import perplexity, torch_logits_fn
 
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for w in windows:
-            s, c = window_nll(model(input_ids=w[None], use_cache=False).logits, w[None])
-            total, count = total + s, count + c
-    return math.exp(total / count)
+    return perplexity(torch_logits_fn(model), windows)
 
 
 @torch.no_grad()

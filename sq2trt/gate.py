@@ -56,16 +56,10 @@ def _num(x: Any) -> bool:
 
 
 def load_thresholds(path: str | os.PathLike) -> Thresholds:
-    import yaml
+    from .config import read_yaml_mapping
 
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"thresholds file not found: {path}; see recipes/thresholds.yaml") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"thresholds file {path} is not valid YAML: {exc}") from None
-    return Thresholds.from_dict(data, str(path))
+    return Thresholds.from_dict(read_yaml_mapping(path, "thresholds file", "see recipes/thresholds.yaml"),
+                                str(path))
 
 
 @dataclass(frozen=True)

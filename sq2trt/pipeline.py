@@ -143,7 +143,9 @@ class Pipeline:
         }
         hashes["fallback"] = config_hash(hashes["scales"], q.weight_granularity, q.fp_fallback, q.max_ppl_increase)
         hashes["ref"] = config_hash(hashes["base"], smooth)
-        hashes["quant"] = config_hash(hashes["ref"], hashes["scales"], q)
+        from .export import QDQ_FORMAT
+
+        hashes["quant"] = config_hash(hashes["ref"], hashes["scales"], q, QDQ_FORMAT)
         hashes["engine"] = config_hash(hashes["quant"], "ort", self.device)
         hashes["compare"] = config_hash(hashes["engine"], c.eval)
         hashes["fp16"] = config_hash(hashes["quant"], "fp16")
