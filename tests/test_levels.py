@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 
+
 from sq2trt import cli
 from sq2trt.archs import get_arch, quantized_linear_names
 from sq2trt.calibrate import collect, per_channel_absmax, per_tensor_absmax
@@ -22,7 +23,7 @@ from sq2trt.models import load_model
 from sq2trt.plan import GemmQuant, make_plan
 from sq2trt.report import support_matrix_markdown
 from sq2trt.search import GRID, search_alpha
-from sq2trt.smooth import smooth
+from sq2trt.smooth import enabled_groups, smooth
 
 ROOT = Path(__file__).resolve().parents[1]
 DYNAMIC = [lv for lv, s in LEVELS.items() if s.act is not None and not s.act_static]
@@ -98,7 +99,7 @@ def _plant_outliers(model, channels=(5, 21, 50), factor=80.0):
     arch = get_arch(model)
     with torch.no_grad():
         for layer in model.model.layers:
-            for g in arch.groups:
+            for g in enabled_groups(arch):  # the norm groups (the linear folds are opt-in)
                 layer.get_submodule(g.producer).weight[list(channels)] *= factor
                 for c in g.consumers:
                     layer.get_submodule(c).weight[:, list(channels)] /= factor
