@@ -27,7 +27,7 @@ from .plan import GemmQuant
 log = logging.getLogger(__name__)
 
 INPUT, OUTPUT = "input_ids", "logits"
-QDQ_FORMAT = 2  # bump when insert_qdq's graph changes, so stale Q/DQ artifacts are rebuilt
+QDQ_FORMAT = 3  # bump when insert_qdq's graph changes, so stale Q/DQ artifacts are rebuilt
 WRAPPER = "m"  # attribute name of the HF model inside the export wrapper
 MAX_IR_VERSION = 10  # onnxruntime 1.31 loads IR <= 13; onnx 1.23 writes 14 unless told
 TWO_GB = 2 * 1024**3
@@ -390,12 +390,9 @@ def insert_qdq(ref: onnx.ModelProto, plan: dict[str, GemmQuant], *, level: str,
             graph.nodes.append(gs.Node("DequantizeLinear", f"{safe}/input/DequantizeLinear",
                                        inputs=[xq, sc, zpc], outputs=[xdq]))
             node.inputs[0] = xdq
-        elif q.act_dynamic is not None:
-            key = (x.name, q.act_dynamic)
-            if key not in act_cache:
-                act_cache[key] = _act_dynamic(graph, x, safe, q.act_dynamic == "per-token", wt.shape[0]
-                                              if not trans_b else wt.shape[1])
-            node.inputs[0] = act_cache[key]
+        elif q.act_dynamic is not None:  # per consuming GEMM too, so ORT can fuse each one
+            node.inputs[0] = _act_dynamic(graph, x, safe, q.act_dynamic == "per-token",
+                                          wt.shape[0] if not trans_b else wt.shape[1])
     bmm_nodes = bmm_inputs(ref) if bmm else {}
     for node_name, inputs in bmm_nodes.items():
         node = by_name[node_name]
