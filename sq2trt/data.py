@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -28,13 +28,7 @@ def load_text(source: str) -> str:
         raise CalibrationDataError(f"text file not found: {source}")
     if path.suffix == ".jsonl":
         texts = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CalibrationDataError(f"{source}:{n}: not JSON ({exc})") from None
+        for n, rec in jsonl_records(path.read_text(encoding="utf-8"), source, CalibrationDataError):
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                 raise CalibrationDataError(f"{source}:{n}: each JSONL line needs a string 'text' field")
             texts.append(rec["text"])
@@ -44,6 +38,17 @@ def load_text(source: str) -> str:
     if not text.strip():
         raise CalibrationDataError(f"{source} is empty")
     return text
+
+
+def jsonl_records(text: str, source: str, error: type[Exception]) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) for every non-blank line; ``error`` names the bad line."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise error(f"{source}:{n}: not JSON ({exc})") from None
 
 
 def _load_hf(source: str) -> str:

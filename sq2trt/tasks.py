@@ -97,13 +97,9 @@ def load_openbookqa(path: str | os.PathLike) -> list[Example]:
 
 def load_task_jsonl(path: str | os.PathLike) -> list[Example]:
     out = []
-    for n, line in enumerate(_read(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TaskDataError(f"{path}:{n}: not JSON ({exc})") from None
+    from .data import jsonl_records
+
+    for n, rec in jsonl_records(_read(path), str(path), TaskDataError):
         ok = (isinstance(rec, dict) and isinstance(rec.get("context"), str)
               and isinstance(rec.get("choices"), list) and len(rec["choices"]) >= 2
               and all(isinstance(c, str) and c for c in rec["choices"])
