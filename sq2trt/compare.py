@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LogitDiff:
-    """Logit error of an engine against the reference over the comparison inputs. Truthy when the
-    top-1 agreement is at least ``min_top1`` (the report's gate has the real thresholds)."""
+    """Logit error of an engine against the reference over the comparison inputs. It judges
+    nothing itself: thresholds live in the accuracy gate (sq2trt.gate)."""
 
     max_abs: float
     mean_abs: float
@@ -32,10 +32,6 @@ class LogitDiff:
     polygraphy_passed: bool  # Polygraphy CompareFunc.simple at (atol, rtol)
     atol: float
     rtol: float
-    min_top1: float = 0.0
-
-    def __bool__(self) -> bool:
-        return self.top1_agreement >= self.min_top1
 
     def __str__(self) -> str:
         return (f"max|d|={self.max_abs:.4g} mean|d|={self.mean_abs:.4g} max_rel={self.max_rel:.3g} "

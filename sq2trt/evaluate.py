@@ -23,15 +23,7 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
 def perplexity(logits_fn: LogitsFn, windows: torch.Tensor,
                progress: Callable[[int], None] | None = None) -> float:
     """exp(mean NLL) over ``windows`` (n, T), evaluated one window at a time."""
-    total, count = 0.0, 0
-    for w in windows:
-        ids = w[None]
-        logits = torch.from_numpy(np.asarray(logits_fn(ids.numpy())))
-        s, c = window_nll(logits, ids)
-        total, count = total + s, count + c
-        if progress is not None:
-            progress(1)
-    return math.exp(total / count)
+    return batched_perplexity(logits_fn, windows, batch=1, progress=progress)
 
 
 def ort_logits_fn(sess) -> LogitsFn:
@@ -67,7 +59,7 @@ ENGINE_PPL_RTOL = 2e-2
 
 def batched_perplexity(logits_fn: LogitsFn, windows: torch.Tensor, *, batch: int = 1,
                        progress: Callable[[int], None] | None = None) -> float:
-    """:func:`perplexity` with ``batch`` windows per call (same result; fewer, larger calls)."""
+    """exp(mean NLL) over ``windows`` (n, T), ``batch`` windows per call (same result for any batch)."""
     total, count = 0.0, 0
     for i in range(0, windows.shape[0], batch):
         ids = windows[i: i + batch]
