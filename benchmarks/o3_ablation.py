@@ -1,7 +1,9 @@
 """Ablation of the O3 (static per-tensor INT8) remedies on a real model; prints a table.
 
-Rows (each adds to the one above): fp, W8A8 naive (no smoothing), O3 norm folding only,
-+ down_proj fold, + o_proj fold, + clipping (MSE-optimal, histogram), + per-kind alpha search,
+Rows (each adds to the one above): fp, W8A8 naive (no smoothing), O3 norm folding only (the paper's
+O3: per-tensor weights), + per-channel weights (--weight-granularity; TensorRT accepts per-channel
+INT8 weight scales), + down_proj fold, + o_proj fold, + clipping (max, percentile or MSE-optimal per GEMM kind, whichever
+gives the lowest whole-model KL on calibration windows), + per-kind alpha search,
 + automatic FP fallback (target on held-out calibration windows). Perplexity on the evaluation
 text (wikitext-2 raw test); every choice is made on calibration text only (wikitext-2 valid).
 Perplexities use PyTorch fake quantization, which equals the exact Q/DQ ONNX graph
@@ -25,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from sq2trt.alpha_search import search_alphas
-from sq2trt.archs import get_arch, quantized_linear_names
+from sq2trt.alpha_search import logits_of, mean_kl, search_alphas
+from sq2trt.archs import gemm_kind, get_arch, quantized_linear_names
 from sq2trt.calibrate import collect, collect_with, per_channel_absmax
-from sq2trt.clipping import clip_from_hist, hist_update
+from sq2trt.clipping import choose_clips, clip_from_hist, hist_update
 from sq2trt.config import QuantConfig
 from sq2trt.data import calibration_starts, calibration_windows, eval_windows, load_text, tokenize
 from sq2trt.evaluate import perplexity, torch_logits_fn
@@ -60,7 +62,8 @@ def main() -> None:
                     "(default: all)")
     ap.add_argument("--eval-max-tokens", type=int, default=8192)
     ap.add_argument("--eval-window", type=int, default=1024)
-    ap.add_argument("--clip", default="mse", choices=("mse", "percentile"))
+    ap.add_argument("--clip-everywhere-row", action="store_true",
+                    help="also measure MSE clipping on every GEMM (the naive clipping row)")
     ap.add_argument("--search-windows", type=int, default=2)
     ap.add_argument("--search-len", type=int, default=256)
     ap.add_argument("--alpha-step", type=float, default=0.05)
@@ -70,6 +73,8 @@ def main() -> None:
     ap.add_argument("--max-fallback", type=int, default=None)
     ap.add_argument("--latency", action="store_true", help="export the last and the all-INT8 rows, time ORT")
     ap.add_argument("--out", default="build/o3_ablation")
+    ap.add_argument("--weight-granularity", default="per-channel", choices=("per-tensor", "per-channel"),
+                    help="weights of every row after 'O3 norm folding only' (that row is per-tensor, as in the paper)")
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -102,8 +107,10 @@ def main() -> None:
     stats = collect(model, names, calib, per_channel_absmax)
     say("per-channel stats collected")
 
-    def quant_ppl(folds, alphas, amax_of, fp=()) -> tuple[float, dict]:
-        q = QuantConfig(smooth_folds=folds or ("norm",))
+    wg = a.weight_granularity
+
+    def quant_ppl(folds, alphas, amax_of, fp=(), granularity=None) -> tuple[float, dict]:
+        q = QuantConfig(smooth_folds=folds or ("norm",), weight_granularity=granularity or wg)
         saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
         try:
             scales = group_scales(model, arch, stats, alphas, folds) if folds else {}
@@ -119,30 +126,56 @@ def main() -> None:
         s = smoothed_act_stats(model, arch, stats, scales)
         return {n: float(s[n].max()) for n in names}
 
-    row("W8A8 naive (no smoothing)", quant_ppl((), base_alpha, max_amax)[0])
+    row("W8A8 naive (no smoothing)", quant_ppl((), base_alpha, max_amax, granularity="per-tensor")[0])
     norm_alpha = {"qkv": base_alpha, "mlp_in": base_alpha, "down": base_alpha, "o": base_alpha}
-    row("O3 norm folding only", quant_ppl(("norm",), norm_alpha, max_amax)[0])
+    row("O3 norm folding only", quant_ppl(("norm",), norm_alpha, max_amax, granularity="per-tensor")[0])
+    if wg != "per-tensor":
+        row(f"+ {wg} weights", quant_ppl(("norm",), norm_alpha, max_amax)[0])
     row("+ down_proj fold", quant_ppl(("norm", "down"), norm_alpha, max_amax)[0])
     folds = ("norm", "down", "o")
     row("+ o_proj fold", quant_ppl(folds, norm_alpha, max_amax)[0])
 
     hist_windows = calib[: a.hist_num] if a.hist_num else calib
+    q_all = QuantConfig(smooth_folds=folds, weight_granularity=wg)
+    kinds = {n: gemm_kind(arch, n) for n in names}
+    ref_search = logits_of(model, search)
+    choices: dict = {}
 
     def clip_amax(scales):
-        hists = collect_with(model, names, hist_windows, hist_update)  # on the smoothed model
-        return {n: clip_from_hist(h, a.clip) for n, h in hists.items()}
+        """Per GEMM kind, max / percentile / MSE clip, whichever gives the lowest KL on the search
+        windows (calibration text). Runs on the smoothed model (``quant_ppl`` folded ``scales``)."""
+        exact = smoothed_act_stats(model, arch, stats, scales)
+        hists = collect_with(model, names, hist_windows, hist_update)
+        cands = {n: {"max": float(exact[n].max()), "percentile": clip_from_hist(hists[n], "percentile"),
+                     "mse": clip_from_hist(hists[n], "mse")} for n in names}
 
+        def loss(amax):
+            with fake_quantized(model, make_plan(names, q_all, amax)):
+                return mean_kl(ref_search, logits_of(model, search))
+
+        ch = choose_clips(kinds, cands, loss)
+        choices["last"] = ch
+        say(f"clip choice {ch.methods}: KL {ch.start_loss:.4g} -> {ch.loss:.4g}")
+        return ch.amax
+
+    def mse_everywhere(scales):
+        hists = collect_with(model, names, hist_windows, hist_update)
+        return {n: clip_from_hist(h, "mse") for n, h in hists.items()}
+
+    if a.clip_everywhere_row:
+        row("  (MSE clipping on every GEMM; not kept)", quant_ppl(folds, norm_alpha, mse_everywhere)[0])
     p, _ = quant_ppl(folds, norm_alpha, clip_amax)
-    row(f"+ clipping ({a.clip})", p)
+    row("+ clipping (per kind: max/percentile/MSE by calibration KL)", p, clips=choices["last"].methods)
 
-    res = search_alphas(model, arch, stats, names, QuantConfig(smooth_folds=folds), search, step=a.alpha_step)
+    res = search_alphas(model, arch, stats, names, q_all, search, step=a.alpha_step, ref_logits=ref_search)
     say(f"alpha search: {res.alphas} loss {res.start_loss:.4g} -> {res.loss:.4g} ({len(res.history)} evals)")
     p_alpha, amax_alpha = quant_ppl(folds, res.alphas, clip_amax)
-    row("+ alpha search", p_alpha, alphas=res.alphas, kl=[res.start_loss, res.loss])
+    row("+ alpha search (clipping re-chosen)", p_alpha, alphas=res.alphas, kl=[res.start_loss, res.loss],
+        clips=choices["last"].methods)
 
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     apply_scales(model, arch, group_scales(model, arch, stats, res.alphas, folds))
-    plan = make_plan(names, QuantConfig(smooth_folds=folds), amax_alpha)
+    plan = make_plan(names, q_all, amax_alpha)
     fb = auto_fallback(model, plan, search, heldout, a.max_ppl_increase, measure_top=a.measure_top,
                        max_layers=a.max_fallback)
     say(f"fallback: {len(fb.fallback)} GEMMs {fb.fallback} held-out increase {fb.increase:.4f} met={fb.met}")

@@ -249,3 +249,12 @@ def quantized_linear_names(model: Any, arch: Arch, skip: tuple[str, ...] = ()) -
             if not matches(name, skip):
                 out.append(name)
     return out
+
+
+def gemm_kind(arch: Arch, name: str) -> str:
+    """The smoothing-group kind (a key of :data:`GROUP_KINDS`) whose consumers include the GEMM
+    ``name`` (a fully qualified or layer-relative module name), else ``"other"``."""
+    for g in arch.groups:
+        if any(name == c or name.endswith("." + c) for c in g.consumers):
+            return g.kind
+    return "other"

@@ -50,7 +50,11 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     hints = {"level": f"one of {', '.join(LEVELS)}", "alpha": "migration strength in [0, 1] (default: the "
              "architecture's)", "fp_fallback": "comma-separated module-name suffixes kept in floating point",
              "smooth_folds": "comma-separated exact folds: norm,down,o", "alpha_by_kind": "per group kind, "
-             "e.g. down=0.6,o=0.5", "max_ppl_increase": "automatic FP fallback target, e.g. 0.01 (= 1%%)"}
+             "e.g. down=0.6,o=0.5", "max_ppl_increase": "automatic FP fallback target, e.g. 0.01 (= 1%%)",
+             "act_clip": "static activation clip: max, percentile, mse, or auto (per GEMM kind, whichever gives "
+             "the lowest calibration KL)", "weight_granularity": "per-tensor or per-channel (both TensorRT INT8)",
+             "search_alpha_by_kind": "search alpha per group kind on calibration KL (starts from --alpha / "
+             "--alpha-by-kind)"}
     for section, cls, prefix in _SECTIONS:
         hints_cls = typing.get_type_hints(cls)
         for f in fields(cls):

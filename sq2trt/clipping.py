@@ -7,11 +7,16 @@ by doubling ``top`` and merging bins pairwise, so one pass over the data suffice
 """
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import torch
 
 from .numerics import QMAX
+
+log = logging.getLogger(__name__)
 
 BINS = 2048  # a power of two: doubling merges bins pairwise
 
@@ -76,3 +81,52 @@ def clip_from_hist(hist: Hist, how: str, pct: float = 99.99) -> float:
     if how == "max":
         return float(hist[1])
     raise ValueError(f"unknown clipping {how!r}")
+
+
+@dataclass
+class ClipChoice:
+    methods: dict[str, str]  # {GEMM kind: clipping method}
+    amax: dict[str, float]  # {GEMM: clip value} under ``methods``
+    loss: float
+    start_loss: float
+    history: list[tuple[str, str, float]] = field(default_factory=list)  # (kind, method, loss)
+
+
+def choose_clips(kinds: Mapping[str, str], candidates: Mapping[str, Mapping[str, float]],
+                 loss: Callable[[dict[str, float]], float], start: str = "max") -> ClipChoice:
+    """One clipping method per GEMM kind, chosen on the model's output rather than on each tensor.
+
+    ``kinds``: {GEMM: kind}; ``candidates``: {GEMM: {method: clip value}} (the same methods for every
+    GEMM, ``start`` among them); ``loss(amax)``: the whole model's output loss with those static
+    clip values (e.g. mean KL vs floating point on calibration windows). Starting from ``start``
+    everywhere, each kind in turn tries every method with the others held; a method is kept only
+    when it lowers the loss, so the result is never worse than ``start`` on that loss.
+
+    Why per kind and on the output: an MSE- or percentile-optimal clip of one tensor can cut the
+    rare huge activations (attention-sink tokens at down_proj inputs) that the next layers rely
+    on, which raises the model's error although each tensor's own error fell.
+    """
+    methods = list(dict.fromkeys(m for c in candidates.values() for m in c))
+    missing = [n for n, c in candidates.items() if set(c) != set(methods)]
+    if missing or start not in methods:
+        raise ValueError(f"every GEMM needs the same clipping candidates {methods} including {start!r}; "
+                         f"not: {missing[:3]}")
+    order = list(dict.fromkeys(kinds[n] for n in candidates))
+    choice = {k: start for k in order}
+
+    def amax_of(ch: Mapping[str, str]) -> dict[str, float]:
+        return {n: float(candidates[n][ch[kinds[n]]]) for n in candidates}
+
+    best = start_loss = loss(amax_of(choice))
+    history = [("start", start, start_loss)]
+    for kind in order:
+        for m in methods:
+            if m == choice[kind]:
+                continue
+            trial = {**choice, kind: m}
+            value = loss(amax_of(trial))
+            history.append((kind, m, value))
+            log.info("clip search: %s=%s -> loss %.4g (best %.4g)", kind, m, value, best)
+            if value < best:
+                best, choice = value, trial
+    return ClipChoice(dict(choice), amax_of(choice), best, start_loss, history)

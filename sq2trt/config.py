@@ -131,7 +131,9 @@ def get_level(level: str) -> Scheme:
 
 # --------------------------------------------------------------------------- run configuration
 WEIGHT_GRANULARITIES = ("per-tensor", "per-channel")
-ACT_CLIPS = ("max", "percentile", "mse")  # mse: clip minimising E[(x - fakequant_c(x))^2] (sq2trt.clipping)
+# mse: clip minimising E[(x - fakequant_c(x))^2]; auto: max, percentile or mse per GEMM kind, whichever gives the
+# lowest whole-model KL on calibration windows (sq2trt.clipping.choose_clips)
+ACT_CLIPS = ("max", "percentile", "mse", "auto")
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class QuantConfig:
     smooth_folds: tuple[str, ...] = ("norm",)  # exact folds to apply: archs.SMOOTH_FOLDS ("norm", "down", "o")
     alpha_by_kind: dict[str, float] = field(default_factory=dict)  # {group kind: alpha}, e.g. {"down": 0.6}
     max_ppl_increase: float = 0.0  # > 0: keep the fewest GEMMs in FP meeting this (0.01 = 1%) (sq2trt.fallback)
+    search_alpha_by_kind: bool = False  # search alpha per group kind on calibration KL, from alpha_by_kind / alpha
 
     def __post_init__(self) -> None:
         get_level(self.level)

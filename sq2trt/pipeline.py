@@ -125,6 +125,44 @@ class Pipeline:
         stamp(path, h, seconds=res.seconds)
         return res.alpha
 
+    @property
+    def kind_alphas(self) -> dict[str, float]:
+        """Per-kind alphas: ``quant.alpha_by_kind``, or the searched ones with ``search_alpha_by_kind``."""
+        q = self.config.quant
+        if q.search_alpha_by_kind and self.scheme.smooth and self.scheme.quantizes:
+            return self.searched_kind_alphas()
+        return dict(q.alpha_by_kind)
+
+    def searched_kind_alphas(self) -> dict[str, float]:
+        """Alpha per group kind by coordinate descent on the whole model's KL vs floating point
+        (sq2trt.alpha_search) on the first two calibration windows (256 tokens each), starting from
+        ``alpha_by_kind`` / ``alpha``; cached as ``<level>/alpha_by_kind.json``."""
+        from safetensors.torch import load_file
+
+        from .alpha_search import search_alphas
+
+        q = self.config.quant
+        path = self.path("alpha_by_kind.json")
+        h = config_hash(self.h("stats"), q.level, q.alpha, q.alpha_by_kind, q.smooth_folds, q.weight_granularity,
+                        q.fp_fallback, "kind-search-v1")
+        if not self.force and fresh(path, h):
+            return {k: float(v) for k, v in read_json(path)["alphas"].items()}
+        stats = load_file(str(self.calibrate()))
+        self._require_raw_model()
+        model = self.loaded.model
+        names = quantized_linear_names(model, self.arch, skip=q.fp_fallback)
+        quant = q if q.alpha is not None else dataclasses.replace(q, alpha=self.alpha)
+        t0 = time.perf_counter()
+        with self._timed("alpha_search"):
+            res = search_alphas(model, self.arch, stats, names, quant, self._windows("calib")[:2, :256])
+        log.info("alpha per kind: %s (calibration KL %.4g -> %.4g, %d evaluations, %.0f s)", res.alphas,
+                 res.start_loss, res.loss, len(res.history), time.perf_counter() - t0)
+        ensure_dir(self.level_dir)
+        write_json(path, {"alphas": res.alphas, "kl": res.loss, "kl_start": res.start_loss,
+                          "history": res.history, "seconds": time.perf_counter() - t0})
+        stamp(path, h)
+        return {k: float(v) for k, v in res.alphas.items()}
+
     def h(self, step: str) -> str:
         c, q = self.config, self.config.quant
         model = config_hash(self._model_id(), __version__)
@@ -132,14 +170,16 @@ class Pipeline:
         if step == "stats":  # before any alpha: a searched alpha (SmoothQuant+) itself needs the stats
             return stats
         # levels without smoothing do not depend on calibration statistics
-        smooth = (config_hash(stats, self.alpha, q.smooth_folds, q.alpha_by_kind) if self.scheme.smooth
+        smooth = (config_hash(stats, self.alpha, q.smooth_folds, self.kind_alphas) if self.scheme.smooth
                   else config_hash(model, None))
         hashes = {
             "stats": stats,
             "base": config_hash(model, c.opset),
             "smooth": smooth,
             "scales": config_hash(smooth, c.calib, q.act_clip,
-                                  q.act_percentile if q.act_clip == "percentile" else None),
+                                  q.act_percentile if q.act_clip in ("percentile", "auto") else None,
+                                  # auto chooses on the quantized model's output: its weights and FP set matter
+                                  (q.level, q.weight_granularity, q.fp_fallback) if q.act_clip == "auto" else None),
         }
         hashes["fallback"] = config_hash(hashes["scales"], q.weight_granularity, q.fp_fallback, q.max_ppl_increase)
         hashes["ref"] = config_hash(hashes["base"], smooth)
@@ -296,11 +336,11 @@ class Pipeline:
             self._require_raw_model()
             with self._timed("smooth"):
                 q = self.config.quant
-                alpha = {**{k: self.alpha for k in GROUP_KINDS}, **q.alpha_by_kind}
+                alpha = {**{k: self.alpha for k in GROUP_KINDS}, **self.kind_alphas}
                 scales = group_scales(self.loaded.model, self.arch, stats, alpha, q.smooth_folds)
             with atomic_path(path) as tmp:
                 save_file({k: v.contiguous() for k, v in scales.items()}, str(tmp))
-            stamp(path, self.h("smooth"), alpha=self.alpha, alpha_by_kind=q.alpha_by_kind,
+            stamp(path, self.h("smooth"), alpha=self.alpha, alpha_by_kind=self.kind_alphas,
                   smooth_folds=list(q.smooth_folds))
         self._apply_smoothing(path)
         return path
@@ -341,6 +381,8 @@ class Pipeline:
             if q.act_clip == "max":
                 stats = self._collect("calibrate (static max)", self.gemm_names(with_fallback=True), per_tensor_absmax)
                 scales = {k: float(v) for k, v in stats.items()}
+            elif q.act_clip == "auto":
+                scales = self._auto_clips()
             else:  # one running |x| histogram per tensor, then percentile / MSE-optimal clip
                 from .clipping import clip_from_hist, hist_update
 
@@ -350,6 +392,46 @@ class Pipeline:
         write_json(path, scales)
         stamp(path, self.h("scales"), act_clip=q.act_clip)
         return scales
+
+    def _auto_clips(self) -> dict[str, float]:
+        """``act_clip: auto``: per GEMM kind, max / percentile / MSE clip, whichever gives the lowest
+        mean KL vs floating point on the first two calibration windows (256 tokens each). One
+        calibration pass collects a histogram and the exact max per tensor; the choice and its losses
+        go to ``<level>/clip_choice.json``."""
+        from .alpha_search import logits_of, mean_kl
+        from .archs import gemm_kind
+        from .clipping import choose_clips, clip_from_hist, hist_update
+        from .fakequant import fake_quantized
+        from .plan import make_plan
+
+        q = self.config.quant
+        names = self.gemm_names(with_fallback=True)
+
+        def update(prev, x):
+            m = float(x.detach().abs().max()) if x.numel() else 0.0
+            return hist_update(None if prev is None else prev[0], x), max(m, 0.0 if prev is None else prev[1])
+
+        both = self._collect("calibrate (static auto: max, percentile, MSE)", names, update, running=True)
+        cands = {n: {"max": m, "percentile": clip_from_hist(h, "percentile", q.act_percentile),
+                     "mse": clip_from_hist(h, "mse")} for n, (h, m) in both.items()}
+        model = self.loaded.model  # the prepared (smoothed) model: its FP logits are the reference
+        quantized = [n for n in quantized_linear_names(model, self.arch, skip=q.fp_fallback) if n in cands]
+        windows = self._windows("calib")[:2, :256]
+        ref = logits_of(model, windows)
+
+        def loss(amax: dict[str, float]) -> float:
+            plan = make_plan(quantized, q, amax, layout=self.arch.layout.value)
+            with fake_quantized(model, plan):
+                return mean_kl(ref, logits_of(model, windows))
+
+        choice = choose_clips({n: gemm_kind(self.arch, n) for n in names}, cands, loss)
+        log.info("act_clip auto: %s (calibration KL %.4g with max everywhere -> %.4g)", choice.methods,
+                 choice.start_loss, choice.loss)
+        path = self.path("clip_choice.json")
+        write_json(path, {"methods": choice.methods, "kl": choice.loss, "kl_max_everywhere": choice.start_loss,
+                          "history": choice.history, "windows": list(windows.shape)})
+        stamp(path, self.h("scales"), act_clip="auto")
+        return choice.amax
 
     def base_onnx(self) -> Path:
         from .export import export_reference

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from sq2trt.alpha_search import alpha_grid, coordinate_descent, o3_loss, search_alphas
-from sq2trt.archs import GROUP_KINDS, SMOOTH_FOLDS, get_arch, quantized_linear_names
+from sq2trt.archs import ARCHS, GROUP_KINDS, SMOOTH_FOLDS, gemm_kind, get_arch, quantized_linear_names
 from sq2trt.calibrate import collect, collect_with, per_channel_absmax
-from sq2trt.clipping import clip_mse, hist_update, mse_clip, percentile_clip
+from sq2trt.clipping import choose_clips, clip_mse, hist_update, mse_clip, percentile_clip
 from sq2trt.config import Config, QuantConfig
 from sq2trt.errors import ConfigError
 from sq2trt.fallback import greedy, heldout_windows, rank
@@ -240,6 +240,39 @@ def test_collect_with_histograms_sees_every_element():
         assert float(hists[n][0].sum()) == 4 * 16 * width[n]
 
 
+def test_choose_clips_keeps_a_method_only_where_the_output_loss_falls():
+    # Constructed: clipping "down" cuts values the model needs (loss rises), clipping "qkv" helps
+    # (loss falls, MSE best); "o" is indifferent, so it stays at the start ("max").
+    kinds = {"l0.q": "qkv", "l0.k": "qkv", "l0.o": "o", "l0.down": "down", "l1.down": "down"}
+    cands = {n: {"max": 100.0, "percentile": 50.0, "mse": 20.0} for n in kinds}
+    best_for = {"qkv": 20.0, "o": None, "down": 100.0}
+
+    def loss(amax):
+        total = 0.0
+        for n, c in amax.items():
+            want = best_for[kinds[n]]
+            total += 0.0 if want is None else abs(c - want) / 100.0
+        return total
+
+    ch = choose_clips(kinds, cands, loss)
+    assert ch.methods == {"qkv": "mse", "o": "max", "down": "max"}
+    assert ch.amax == {"l0.q": 20.0, "l0.k": 20.0, "l0.o": 100.0, "l0.down": 100.0, "l1.down": 100.0}
+    assert ch.loss == pytest.approx(0.0) and ch.start_loss == pytest.approx(1.6)
+    assert ch.loss == min(v for _, _, v in ch.history)  # never worse than anything it tried
+    with pytest.raises(ValueError, match="same clipping candidates"):
+        choose_clips(kinds, {**cands, "l0.q": {"max": 1.0}}, loss)
+
+
+def test_gemm_kind_follows_the_table():
+    llama, opt = ARCHS["LlamaForCausalLM"], ARCHS["OPTForCausalLM"]
+    assert gemm_kind(llama, "model.layers.3.self_attn.k_proj") == "qkv"
+    assert gemm_kind(llama, "model.layers.3.mlp.up_proj") == "mlp_in"
+    assert gemm_kind(llama, "model.layers.3.mlp.down_proj") == "down"
+    assert gemm_kind(llama, "model.layers.3.self_attn.o_proj") == "o"
+    assert gemm_kind(opt, "model.decoder.layers.0.fc2") == "down"
+    assert gemm_kind(llama, "lm_head") == "other"
+
+
 # --------------------------------------------------------------------------- fallback
 def test_greedy_fallback_stops_at_the_fewest_layers_meeting_the_target():
     # each layer's quantization costs a known ppl increase; they add up
@@ -285,3 +318,49 @@ def test_pipeline_auto_fallback_writes_recipe(tmp_path, calib_text):
     assert recipe["quant"]["max_ppl_increase"] == 0.0
     assert set(fb) <= set(pipe.gemm_names(with_fallback=True))
     assert not set(fb) & set(pipe.gemm_names())
+
+
+def test_pipeline_act_clip_auto_chooses_per_kind_on_calibration_kl(tmp_path, calib_text):
+    from sq2trt.artifacts import read_json
+    from sq2trt.pipeline import Pipeline
+
+    calib = Config().calib.__class__(data=str(calib_text), num_samples=4, seq_len=64)
+    auto = Pipeline(Config(model="random:llama", quant=QuantConfig(act_clip="auto"), calib=calib), tmp_path)
+    scales = auto.act_scales()
+    choice = read_json(auto.path("clip_choice.json"))
+    assert set(choice["methods"]) == {"qkv", "o", "mlp_in", "down"}
+    assert set(choice["methods"].values()) <= {"max", "percentile", "mse"}
+    assert choice["kl"] <= choice["kl_max_everywhere"]
+    assert choice["history"][0][:2] == ["start", "max"] and len(choice["history"]) == 1 + 4 * 2
+    # where a kind kept "max", its scales are exactly the static max calibration's
+    plain = Pipeline(Config(model="random:llama", quant=QuantConfig(act_clip="max"), calib=calib), tmp_path)
+    exact = plain.act_scales()
+    assert set(scales) == set(exact)
+    arch = plain.arch
+    for n, v in scales.items():
+        if choice["methods"][gemm_kind(arch, n)] == "max":
+            assert v == pytest.approx(exact[n], rel=1e-6)
+        else:
+            assert v <= exact[n] * (1 + 1e-6)
+    assert auto.h("scales") != plain.h("scales")
+
+
+def test_pipeline_searches_alpha_per_kind_and_smooths_with_it(tmp_path, calib_text):
+    from sq2trt.artifacts import read_json
+    from sq2trt.pipeline import Pipeline
+
+    calib = Config().calib.__class__(data=str(calib_text), num_samples=4, seq_len=64)
+    q = QuantConfig(smooth_folds=ALL, search_alpha_by_kind=True)
+    pipe = Pipeline(Config(model="random:llama", quant=q, calib=calib), tmp_path)
+    alphas = pipe.kind_alphas
+    rec = read_json(pipe.path("alpha_by_kind.json"))
+    assert set(alphas) == {"qkv", "mlp_in", "down", "o"} and rec["alphas"] == alphas
+    assert rec["kl"] == min(v for _, _, v in rec["history"]) <= rec["kl_start"]
+    # the smoothing scales are exactly those of a run given these alphas by hand
+    fixed = Pipeline(Config(model="random:llama", quant=QuantConfig(smooth_folds=ALL, alpha_by_kind=alphas),
+                            calib=calib), tmp_path / "fixed")
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(pipe.smooth())), load_file(str(fixed.smooth()))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert pipe.h("smooth") == fixed.h("smooth")  # the hash names the alphas used, not how they were found
