@@ -49,14 +49,34 @@ def _check(check: dict[str, Any] | None, key: str) -> str:
     return f"{check[key]:.2e} ({'passed' if check['passed'] else 'FAILED'})"
 
 
+def _run_settings(r: dict[str, Any]) -> str:
+    """The settings that refine the level's definition (recipe or flags), in words."""
+    q = r.get("quant") or {}
+    parts = [f"alpha = {_fmt(r['alpha'], '.2f')}"]
+    if q.get("alpha_by_kind"):
+        parts.append("alpha by kind " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(q["alpha_by_kind"].items())))
+    if q.get("search_alpha_by_kind"):
+        parts.append("alpha per kind searched")
+    if q.get("smooth_folds"):
+        parts.append("smoothing folds " + "+".join(q["smooth_folds"]))
+    if q.get("weight_granularity"):
+        parts.append(f"weights {q['weight_granularity']}")
+    if q.get("act_clip"):
+        parts.append(f"activation clip {q['act_clip']}")
+    fb = q.get("fp_fallback") or []
+    parts.append(f"{len(fb)} GEMM pattern(s) kept in floating point" if fb else "no floating-point fallback")
+    if q.get("max_ppl_increase"):
+        parts.append(f"automatic fallback target +{q['max_ppl_increase']:.2%}")
+    return ", ".join(parts)
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     cmp, lg, ppl = r["compare"], r["compare"]["logits"], r["compare"]["ppl"]
     lines = [
         f"# sq2trt report: {r['model']['name']} @ {r['level']}",
         "",
-        f"{r['level_description']}. Model `{r['model']['source']}` ({r['model']['architecture']}), "
-        f"alpha = {_fmt(r['alpha'], '.2f')}, weights {r['quant']['weight_granularity']}, "
-        f"activation clip {r['quant']['act_clip']}.",
+        f"{r['level_description']}. Model `{r['model']['source']}` ({r['model']['architecture']}). "
+        f"This run: {_run_settings(r)}.",
         "",
         "| metric | value |",
         "|---|---|",

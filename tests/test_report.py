@@ -14,7 +14,7 @@ import pytest
 from eval_helpers import evaluated_pipeline
 from sq2trt.errors import AccuracyGateError, ConfigError
 from sq2trt.gate import Thresholds, check_report, enforce, load_thresholds
-from sq2trt.report import SCHEMA_VERSION, render_html
+from sq2trt.report import SCHEMA_VERSION, render_html, render_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,6 +153,12 @@ def test_html_embeds_plots_that_decode(tmp_path):
          "plots": {"smoothing": "plots/s.png", "layers": "plots/l.png", "sweep": "plots/a.png"}}
     html_text = render_html(r, tmp_path)
     assert "m&lt;x&gt;" in html_text and "<x>" not in html_text  # escaped
+    r["quant"] = {"weight_granularity": "per-channel", "act_clip": "auto", "smooth_folds": ["norm", "down"],
+                  "fp_fallback": ["*.down_proj"], "alpha_by_kind": {"down": 0.6}}
+    first = render_markdown(r).splitlines()[2]  # the run's settings, as the level's definition refines them
+    for part in ("weights per-channel", "activation clip auto", "smoothing folds norm+down", "alpha by kind down 0.60",
+                 "1 GEMM pattern(s) kept in floating point"):
+        assert part in first, (part, first)
     shapes = _decode_pngs(html_text)
     assert len(shapes) == 3 and all(h > 100 and w > 100 for h, w in shapes)
 
