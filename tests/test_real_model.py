@@ -1,14 +1,13 @@
 """The README's main command on the real SmolLM2-135M model, with a small budget.
 
-Bound, from measurement: O3 (static per-tensor activations, alpha 0.85) does not hold on this
-Llama-class model yet (DESIGN "Known failure"): with 64 x 512 calibration tokens it measured
-62.45 against 22.55 for floating point (2.77x; naive W8A8 2.85x), top-1 agreement 43%. The
-budget here is smaller (8 x 256 calibration, 4 x 1024 evaluation tokens), so the test asserts
-a finite perplexity below 5x floating point and top-1 agreement above 25%. That tolerates the
-known collapse and calibration noise but catches a broken export: a wrong scale, axis or
-weight sends a 135M model's perplexity into the hundreds or thousands, and top-1 agreement
-toward zero. The export check (sq2trt.verify) must pass outright. Tighten this as issue 6's
-remedies land.
+Bound, from measurement: with recipes/llama.yaml (per-channel weights, norm + down_proj folds,
+alpha 0.85) O3 measured +4.8% perplexity at this budget (32 x 512 calibration tokens, 4 x 1024
+evaluation tokens; 23.09 -> 24.20), top-1 agreement 90.2%. With 8 x 256 calibration tokens it was
++16.4%: the rare large down_proj activations need enough calibration text. The test asserts O3
+below 1.15x floating point and top-1 agreement above 80%: room for another CPU's integer kernels,
+while the paper's O3 (+127% here) or a broken export (a wrong scale, axis or weight sends a 135M
+model's perplexity into the hundreds) fails. The export check (sq2trt.verify) must pass outright.
+.ci/run gates the same report more tightly with .ci/thresholds.yaml.
 """
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ def test_make_engine_on_smollm2(smollm2, calib_text, eval_text, tmp_path):
     out = Path(os.environ.get("SQ2TRT_CI_OUT") or tmp_path)
     models = smollm2.parent.parent  # build/models (make fetch-model layout) or wherever it lives
     cmd = ["make", "engine", f"OUT={out}", f"MODELS={models}", f"CALIB={calib_text}", f"EVAL={eval_text}",
-           "LEVELS=fp,O3", "CALIB_SAMPLES=8", "CALIB_LEN=256", "EVAL_TOKENS=4096", "EVAL_WINDOW=1024",
+           "LEVELS=fp,O3", "CALIB_SAMPLES=32", "CALIB_LEN=512", "EVAL_TOKENS=4096", "EVAL_WINDOW=1024",
            "EXTRA=-q --eval-compare-samples 2"]
     if smollm2.parent.name != "smollm2":
         pytest.skip("the make target expects <MODELS>/smollm2/<file>.gguf; set SQ2TRT_SMOLLM2 accordingly")
@@ -41,8 +40,8 @@ def test_make_engine_on_smollm2(smollm2, calib_text, eval_text, tmp_path):
     o3 = json.loads((model_dir / "O3" / "report.json").read_text())["compare"]
     ppl_fp, ppl_o3 = fp["ppl"]["engine"], o3["ppl"]["engine"]
     assert 5 < ppl_fp < 60, ppl_fp  # a real pretrained 135M model on wikitext-2
-    assert math.isfinite(ppl_o3) and ppl_o3 < 5.0 * ppl_fp, (ppl_fp, ppl_o3)
+    assert math.isfinite(ppl_o3) and ppl_o3 < 1.15 * ppl_fp, (ppl_fp, ppl_o3)
     assert o3["ppl"]["reference"] == pytest.approx(ppl_fp, rel=1e-4)  # smoothing is exact
-    assert o3["logits"]["top1_agreement"] > 0.25
+    assert o3["logits"]["top1_agreement"] > 0.80
     assert o3["export_check"]["passed"], o3["export_check"]
     assert (model_dir / "summary.md").is_file()
