@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from sq2trt.alpha_search import logits_of, mean_kl, search_alphas
+from sq2trt.alpha_search import amax_loss, logits_of, search_alphas
 from sq2trt.archs import gemm_kind, get_arch, quantized_linear_names
 from sq2trt.calibrate import collect, collect_with, per_channel_absmax
-from sq2trt.clipping import choose_clips, clip_from_hist, hist_update
+from sq2trt.clipping import choose_clips, clip_candidates, clip_from_hist, hist_update
 from sq2trt.config import QuantConfig
 from sq2trt.data import calibration_starts, calibration_windows, eval_windows, load_text, tokenize
 from sq2trt.evaluate import perplexity, torch_logits_fn
@@ -146,14 +146,8 @@ def main() -> None:
         windows (calibration text). Runs on the smoothed model (``quant_ppl`` folded ``scales``)."""
         exact = smoothed_act_stats(model, arch, stats, scales)
         hists = collect_with(model, names, hist_windows, hist_update)
-        cands = {n: {"max": float(exact[n].max()), "percentile": clip_from_hist(hists[n], "percentile"),
-                     "mse": clip_from_hist(hists[n], "mse")} for n in names}
-
-        def loss(amax):
-            with fake_quantized(model, make_plan(names, q_all, amax)):
-                return mean_kl(ref_search, logits_of(model, search))
-
-        ch = choose_clips(kinds, cands, loss)
+        cands = clip_candidates(hists, {n: float(exact[n].max()) for n in names})
+        ch = choose_clips(kinds, cands, amax_loss(model, names, q_all, search, ref_search))
         choices["last"] = ch
         say(f"clip choice {ch.methods}: KL {ch.start_loss:.4g} -> {ch.loss:.4g}")
         return ch.amax

@@ -93,20 +93,31 @@ def o3_loss(model: torch.nn.Module, arch: Arch, act_stats: Mapping[str, torch.Te
 
     ``names``: the GEMMs to quantize; ``quant.smooth_folds`` says which groups are smoothed.
     """
-    from .fakequant import fake_quantized
     from .smooth import apply_scales, group_inputs, scales_from_inputs, smoothed_act_stats
 
     ref = logits_of(model, windows) if ref_logits is None else ref_logits
     inputs = group_inputs(model, arch, act_stats, quant.smooth_folds)  # weights before any fold
+    kl_of = amax_loss(model, names, quant, windows, ref, layout=arch.layout.value)
 
     def loss(alphas: Alphas) -> float:
         scales = scales_from_inputs(inputs, alphas, arch.alpha)
         with restored(model):
             apply_scales(model, arch, scales)
             stats = smoothed_act_stats(model, arch, act_stats, scales)
-            plan = make_plan(names, quant, {n: float(stats[n].max()) for n in names})
-            with fake_quantized(model, plan):
-                return mean_kl(ref, logits_of(model, windows))
+            return kl_of({n: float(stats[n].max()) for n in names})
+
+    return loss
+
+
+def amax_loss(model: torch.nn.Module, names: list[str], quant: QuantConfig, windows: torch.Tensor,
+              ref_logits: torch.Tensor, *, layout: str = "out_in") -> Callable[[Mapping[str, float]], float]:
+    """loss(amax) = mean KL(P_ref || P_q) on ``windows``, the model (as it is when called) fake-quantized
+    under ``quant`` for the GEMMs ``names`` with static clip values ``amax``."""
+    from .fakequant import fake_quantized
+
+    def loss(amax: Mapping[str, float]) -> float:
+        with fake_quantized(model, make_plan(names, quant, dict(amax), layout=layout)):
+            return mean_kl(ref_logits, logits_of(model, windows))
 
     return loss
 

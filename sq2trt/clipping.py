@@ -83,6 +83,14 @@ def clip_from_hist(hist: Hist, how: str, pct: float = 99.99) -> float:
     raise ValueError(f"unknown clipping {how!r}")
 
 
+def clip_candidates(hists: Mapping[str, Hist], exact_max: Mapping[str, float],
+                    pct: float = 99.99) -> dict[str, dict[str, float]]:
+    """{GEMM: {"max", "percentile", "mse": clip value}} for :func:`choose_clips`. ``max`` is the exact
+    running max (a histogram's ``top`` can exceed it by up to 2x after doubling)."""
+    return {n: {"max": float(exact_max[n]), "percentile": percentile_clip(h, pct), "mse": mse_clip(h)}
+            for n, h in hists.items()}
+
+
 @dataclass
 class ClipChoice:
     methods: dict[str, str]  # {GEMM kind: clipping method}

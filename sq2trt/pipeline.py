@@ -60,6 +60,7 @@ class Pipeline:
         self._loaded = None
         self._smoothed_with: str | None = None  # hash of the scales applied to the in-memory model
         self._tokens: dict[str, torch.Tensor] = {}  # text source -> token ids (same tokenizer)
+        self._kind_alphas: dict[str, float] | None = None  # searched once per run (h() asks often)
 
     def adopt(self, other: "Pipeline") -> None:
         """Share ``other``'s loaded model (and its smoothing state) instead of loading it again."""
@@ -130,7 +131,9 @@ class Pipeline:
         """Per-kind alphas: ``quant.alpha_by_kind``, or the searched ones with ``search_alpha_by_kind``."""
         q = self.config.quant
         if q.search_alpha_by_kind and self.scheme.smooth and self.scheme.quantizes:
-            return self.searched_kind_alphas()
+            if self._kind_alphas is None:
+                self._kind_alphas = self.searched_kind_alphas()
+            return dict(self._kind_alphas)
         return dict(q.alpha_by_kind)
 
     def searched_kind_alphas(self) -> dict[str, float]:
@@ -398,11 +401,9 @@ class Pipeline:
         mean KL vs floating point on the first two calibration windows (256 tokens each). One
         calibration pass collects a histogram and the exact max per tensor; the choice and its losses
         go to ``<level>/clip_choice.json``."""
-        from .alpha_search import logits_of, mean_kl
+        from .alpha_search import amax_loss, logits_of
         from .archs import gemm_kind
-        from .clipping import choose_clips, clip_from_hist, hist_update
-        from .fakequant import fake_quantized
-        from .plan import make_plan
+        from .clipping import choose_clips, clip_candidates, hist_update
 
         q = self.config.quant
         names = self.gemm_names(with_fallback=True)
@@ -412,18 +413,12 @@ class Pipeline:
             return hist_update(None if prev is None else prev[0], x), max(m, 0.0 if prev is None else prev[1])
 
         both = self._collect("calibrate (static auto: max, percentile, MSE)", names, update, running=True)
-        cands = {n: {"max": m, "percentile": clip_from_hist(h, "percentile", q.act_percentile),
-                     "mse": clip_from_hist(h, "mse")} for n, (h, m) in both.items()}
+        cands = clip_candidates({n: h for n, (h, _) in both.items()}, {n: m for n, (_, m) in both.items()},
+                                q.act_percentile)
         model = self.loaded.model  # the prepared (smoothed) model: its FP logits are the reference
         quantized = [n for n in quantized_linear_names(model, self.arch, skip=q.fp_fallback) if n in cands]
         windows = self._windows("calib")[:2, :256]
-        ref = logits_of(model, windows)
-
-        def loss(amax: dict[str, float]) -> float:
-            plan = make_plan(quantized, q, amax, layout=self.arch.layout.value)
-            with fake_quantized(model, plan):
-                return mean_kl(ref, logits_of(model, windows))
-
+        loss = amax_loss(model, quantized, q, windows, logits_of(model, windows), layout=self.arch.layout.value)
         choice = choose_clips({n: gemm_kind(self.arch, n) for n in names}, cands, loss)
         log.info("act_clip auto: %s (calibration KL %.4g with max everywhere -> %.4g)", choice.methods,
                  choice.start_loss, choice.loss)
