@@ -84,5 +84,21 @@ def fresh(path: str | os.PathLike, config_hash: str) -> bool:
         return False
 
 
+def crash_point(name: str) -> None:
+    """Named point where a test can make the process die (``SQ2TRT_CRASH_AT=<name>``): ``raise``
+    unless ``SQ2TRT_CRASH_MODE=kill``, which SIGKILLs the process (no cleanup runs, as in a real kill)."""
+    if os.environ.get("SQ2TRT_CRASH_AT") != name:
+        return
+    if os.environ.get("SQ2TRT_CRASH_MODE") == "kill":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise InjectedCrash(name)
+
+
+class InjectedCrash(RuntimeError):
+    """Raised at a :func:`crash_point` named by ``SQ2TRT_CRASH_AT`` (tests only)."""
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return read_json(meta_path(path))
