@@ -85,17 +85,23 @@ def probes(ref: onnx.ModelProto, quant: onnx.ModelProto, layers_prefix: str = "m
     return out
 
 
-def _session(model: onnx.ModelProto, names: Sequence[str], device: str):
-    from polygraphy.backend.onnx import BytesFromOnnx, ModifyOutputs
-    from polygraphy.backend.onnxrt import SessionFromOnnx
+def _session(model: onnx.ModelProto, names: Sequence[str], device: str, base_dir):
+    """A session loader for the graph-only ``model`` with ``names`` marked as outputs (Polygraphy's
+    ModifyOutputs); its tensors are read from ``base_dir``, so the model may be of any size."""
+    from polygraphy.backend.onnx import ModifyOutputs
 
     import onnxruntime as ort
 
-    from .engine import providers
+    from .engine import session_from_proto
 
     marked = ModifyOutputs(model, outputs=[OUTPUT, *dict.fromkeys(names)], copy=True)
-    return SessionFromOnnx(BytesFromOnnx(marked), providers=providers(device),
-                           graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+
+    def load():
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        return session_from_proto(marked(), so, base_dir=base_dir, device=device)
+
+    return load
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
@@ -112,10 +118,11 @@ def diagnose(ref_path: str | os.PathLike, quant_path: str | os.PathLike, inputs:
     from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
 
-    ref, quant = load_onnx(ref_path), load_onnx(quant_path)
+    ref, quant = load_onnx(ref_path, load_external_data=False), load_onnx(quant_path, load_external_data=False)
     ps = probes(ref, quant, layers_prefix)
-    runners = [OnnxrtRunner(_session(ref, [p.ref_name for p in ps], device), name="reference"),
-               OnnxrtRunner(_session(quant, [p.quant_name for p in ps], device), name="quantized")]
+    runners = [OnnxrtRunner(_session(ref, [p.ref_name for p in ps], device, Path(ref_path).parent), name="reference"),
+               OnnxrtRunner(_session(quant, [p.quant_name for p in ps], device, Path(quant_path).parent),
+                            name="quantized")]
     feeds = [{INPUT: inputs[i: i + 1].astype(np.int64)} for i in range(inputs.shape[0])]
     old = G_LOGGER.module_severity
     G_LOGGER.module_severity = G_LOGGER.CRITICAL

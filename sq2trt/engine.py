@@ -55,6 +55,29 @@ def session(path: str | os.PathLike, *, device: str = "auto", threads: int = 0, 
     return ort.InferenceSession(str(path), so, providers=providers(device))
 
 
+def session_from_proto(model, so=None, *, base_dir: str | os.PathLike | None = None, device: str = "cpu"):
+    """An ONNX Runtime session for an in-memory ``model`` (e.g. a graph with extra outputs) whose
+    tensors may be external data in ``base_dir``. Sessions are never built from a whole-model
+    message over 2 GB: a small graph is passed as bytes with ORT's external-initializer folder;
+    one holding more than ~1.5 GB of data itself is written to a temporary file first."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from .export import inline_bytes, save_onnx
+
+    so = so or ort.SessionOptions()
+    so.log_severity_level = 3
+    if inline_bytes(model) < 1536 * 1024**2:
+        if base_dir is not None:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
+        return ort.InferenceSession(model.SerializeToString(), so, providers=providers(device))
+    with tempfile.TemporaryDirectory(prefix="sq2trt-session-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        save_onnx(model, path, base_dir=base_dir, external=True)
+        return ort.InferenceSession(str(path), so, providers=providers(device))
+
+
 def build_ort_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *,
                      device: str = "auto") -> dict[str, Any]:
     """Optimize ``onnx_path`` with ONNX Runtime and save the result to ``engine_path``."""

@@ -67,8 +67,7 @@ def export_reference(model: torch.nn.Module, path: str | os.PathLike, *, opset: 
         program = torch.onnx.export(wrapper, (example,), None, input_names=[INPUT], output_names=[OUTPUT],
                                     opset_version=opset, dynamo=True, dynamic_shapes={"input_ids": dims},
                                     verbose=False)
-    proto = program.model_proto
-    save_onnx(proto, path)
+    save_onnx(program.model, path)
 
 
 def check_against_torch(model: torch.nn.Module, onnx_path: str | os.PathLike, shape=(3, 21)) -> float:
@@ -99,31 +98,101 @@ def load_onnx(path: str | os.PathLike, *, load_external_data: bool = True) -> on
     return model
 
 
-def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write atomically; weights go to ``<name>.data`` when the model is over 2 GB."""
+def load_tensors(model: onnx.ModelProto, names, base_dir: str | os.PathLike) -> None:
+    """Load the external data of the initializers ``names`` of a graph-only ``model`` (read with
+    ``load_external_data=False``) from ``base_dir``, in place; the others stay references."""
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    wanted = set(names)
+    for init in model.graph.initializer:
+        if init.name in wanted and uses_external_data(init):
+            load_external_data_for_tensor(init, str(base_dir))
+            init.data_location = onnx.TensorProto.DEFAULT
+            del init.external_data[:]
+
+
+def inline_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data held inside ``model`` (not counting external data), without
+    ``ByteSize()``, which protobuf refuses past 2 GB."""
+    return sum(inline_bytes_of(t) for t in model.graph.initializer)
+
+
+def inline_bytes_of(t: onnx.TensorProto) -> int:
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return 0
+    return len(t.raw_data) + 8 * (len(t.float_data) + len(t.int32_data) + len(t.int64_data) + len(t.double_data)
+                                  + len(t.uint64_data)) + sum(len(x) for x in t.string_data)
+
+
+def skeleton(model: onnx.ModelProto, keep_bytes: int = 64 * 1024) -> onnx.ModelProto:
+    """``model`` without the data of its large tensors (those keep name, type and shape; tensors up to
+    ``keep_bytes``, such as shapes and axes, keep their values): enough for shape and type inference
+    of a graph of any size, and small enough to serialize."""
+    out = onnx.ModelProto()
+    graph = model.graph
+    inits = list(graph.initializer)
+    del graph.initializer[:]
+    try:
+        out.CopyFrom(model)
+    finally:
+        graph.initializer.extend(inits)
+    for t in graph.initializer:
+        small = onnx.TensorProto()
+        if not t.external_data and inline_bytes_of(t) <= keep_bytes:
+            small.CopyFrom(t)
+        else:
+            small.name, small.data_type = t.name, t.data_type
+            small.dims.extend(t.dims)
+        out.graph.initializer.append(small)
+    return out
+
+
+def save_onnx(model: "onnx.ModelProto | Any", path: str | os.PathLike, *, base_dir: str | os.PathLike | None = None,
+              external: bool | None = None) -> None:
+    """Write ``model`` (an ``onnx.ModelProto`` or an ``onnx_ir.Model``) to ``path`` atomically.
+
+    Tensor data goes to ``<name>.data`` beside it when it totals over ~2 GB (or ``external=True``):
+    serialization goes through onnx_ir, which streams each tensor to the data file, so no whole-model
+    protobuf message is ever built (protobuf cannot serialize one over 2 GB). Tensors that ``model``
+    references as external data are read from ``base_dir`` (the directory of the file they came
+    from). The stamp of ``path`` is removed first; the new ``.data`` and ``.onnx`` are renamed into
+    place only once both are complete, the ``.data`` first.
+    """
+    import onnx_ir as ir
+
+    from .artifacts import crash_point, meta_path
+
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmpdir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
     except OSError as exc:
         raise OutputDirError(f"cannot write to {path.parent}: {exc}; choose a writable --out") from None
-    model.ir_version = min(model.ir_version or MAX_IR_VERSION, MAX_IR_VERSION)
-    try:
-        external = model.ByteSize() > TWO_GB - 64 * 1024**2
-    except ValueError:  # protobuf refuses to size > 2 GB messages
-        external = True
     data_name = path.name + ".data"
     try:
-        onnx.save_model(model, str(tmpdir / path.name), save_as_external_data=external,
-                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        irm = ir.serde.deserialize_model(model) if isinstance(model, onnx.ModelProto) else model
+        if base_dir is not None:
+            ir.external_data.set_base_dir(irm.graph, base_dir)
+        irm.ir_version = min(irm.ir_version or MAX_IR_VERSION, MAX_IR_VERSION)
+        if external is None:
+            external = sum(t.nbytes for t in _ir_tensors(irm)) > TWO_GB - 64 * 1024**2
+        if not external:  # everything inside the .onnx file: read any external tensor in first
+            irm = ir.external_data.load_to_model(irm)
+        ir.save(irm, tmpdir / path.name, external_data=data_name if external else None, size_threshold_bytes=1024)
+        meta_path(path).unlink(missing_ok=True)  # no stamp may vouch for a file being replaced
         stale = path.parent / data_name
         if (tmpdir / data_name).exists():
             os.replace(tmpdir / data_name, stale)
+            crash_point("save_onnx:data-replaced")
         elif stale.exists():
             stale.unlink()
         os.replace(tmpdir / path.name, path)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _ir_tensors(model) -> list:
+    return [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
 
 
 # --------------------------------------------------------------------------- GEMM nodes by module
@@ -240,14 +309,14 @@ def calibrate_tensors(model_path: str | os.PathLike, tensors: list[str], windows
                       progress=None) -> dict[str, float]:
     """Running max|x| of intermediate ``tensors`` of an ONNX model over ``windows`` (n, T), by
     marking them as extra graph outputs and running ONNX Runtime one window at a time."""
-    import onnxruntime as ort
+    from .engine import session_from_proto
 
-    model = load_onnx(model_path)
+    model = load_onnx(model_path, load_external_data=False)
     have = {o.name for o in model.graph.output}
     for t in tensors:
         if t not in have:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = session_from_proto(model, base_dir=Path(model_path).parent)
     amax = dict.fromkeys(tensors, 0.0)
     for w in windows:
         outs = sess.run(tensors, {INPUT: w[None].astype(np.int64)})
@@ -335,7 +404,8 @@ def _act_dynamic(graph, x, safe: str, per_token: bool, k: int | None):
 
 
 def insert_qdq(ref: onnx.ModelProto, plan: dict[str, GemmQuant], *, level: str,
-               metadata: dict[str, Any] | None = None, bmm: dict[str, float] | None = None) -> onnx.ModelProto:
+               metadata: dict[str, Any] | None = None, bmm: dict[str, float] | None = None,
+               base_dir: str | os.PathLike | None = None) -> onnx.ModelProto:
     """Return a copy of ``ref`` with Q/DQ on the inputs of every planned GEMM.
 
     Weight: integer initializer (INT8, INT4 or UINT4) -> DequantizeLinear -> GEMM input B, with a
@@ -348,10 +418,17 @@ def insert_qdq(ref: onnx.ModelProto, plan: dict[str, GemmQuant], *, level: str,
     (ReduceMax(Abs(x)) / 127) per tensor or per token (last axis); none: the input stays floating
     point (weight-only levels). ``bmm`` ({tensor name: amax}, from :func:`calibrate_tensors`) also
     quantizes both inputs of the attention BMMs, statically.
+
+    ``ref`` may be graph-only (read with ``load_external_data=False``) with its tensors in
+    ``base_dir``: only the planned GEMMs' weights are read; the other tensors stay references to
+    ``base_dir`` (save the result with ``save_onnx(..., base_dir=base_dir)``).
     """
     import onnx_graphsurgeon as gs
 
     nodes = gemm_nodes(ref, list(plan))
+    if base_dir is not None:
+        weights = {n.input[1] for n in ref.graph.node if n.name in set(nodes.values())}
+        load_tensors(ref, weights, base_dir)
     graph = gs.import_onnx(ref)
     by_name = {n.name: n for n in graph.nodes}
     act_cache: dict[tuple, Any] = {}

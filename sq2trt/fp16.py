@@ -117,7 +117,9 @@ def requantize_int8(q: np.ndarray, scale: np.ndarray, new_scale: np.ndarray) -> 
 
 # --------------------------------------------------------------------------- the transform
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    from .export import skeleton
+
+    inferred = onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=False)  # any size: no tensor data
     g = inferred.graph
     types: dict[str, int] = {}
     for vi in list(g.input) + list(g.output) + list(g.value_info):
@@ -356,13 +358,10 @@ def _set_meta(model: onnx.ModelProto, meta: dict[str, str]) -> None:
 def write_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> Fp16Summary:
     """Read ``src`` (FP32 ONNX, Q/DQ or not), write its FP16 form to ``dst`` atomically, and check
     the result with ONNX's full checker (strict type inference: a Cast missing anywhere fails)."""
-    from .export import load_onnx, save_onnx
+    from .export import TWO_GB, inline_bytes, load_onnx, save_onnx
 
     proto, summary = fp16_from_onnx(load_onnx(src))
-    try:
-        small = proto.ByteSize() < 2 * 1024**3 - 64 * 1024**2
-    except ValueError:  # protobuf refuses to size messages over 2 GB
-        small = False
+    small = inline_bytes(proto) < TWO_GB - 64 * 1024**2
     if small:
         check(proto)
     save_onnx(proto, dst)

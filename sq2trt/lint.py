@@ -1153,9 +1153,18 @@ def _load(model: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, 
 
 def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape-inferred copy of the model (for the GEMV rule); the original if inference fails."""
+    from .export import inline_bytes, skeleton
+
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:  # >2 GB protos, unknown ops, inconsistent graphs
+        if inline_bytes(model) < 1024**3:
+            return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        # protobuf cannot pass a message over 2 GB to shape inference: infer on the graph without
+        # tensor data and keep the data (the rules read Q/DQ scales)
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model), data_prop=True)
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(inferred.graph.value_info)
+        return model
+    except Exception as exc:  # unknown ops, inconsistent graphs
         logger.info("shape inference failed (%s); GEMV detection uses existing value_info", exc)
         return model
 

@@ -57,32 +57,37 @@ class ExportCheck:
         return {**asdict(self), "passed": bool(self)}
 
 
-def _session(model: onnx.ModelProto):
+def _session(model: onnx.ModelProto, base_dir):
     import onnxruntime as ort
+
+    from .engine import session_from_proto
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # Q/DQ semantics, no int kernels
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return session_from_proto(model, so, base_dir=base_dir)
 
 
 def check_export(quant: onnx.ModelProto, ref: onnx.ModelProto, model: torch.nn.Module,
-                 plan: dict[str, GemmQuant], first_layer_prefix: str, ids: np.ndarray) -> ExportCheck:
+                 plan: dict[str, GemmQuant], first_layer_prefix: str, ids: np.ndarray, *,
+                 quant_dir=None, ref_dir=None) -> ExportCheck:
     """``quant``: the Q/DQ graph; ``ref``: the same graph without Q/DQ; ``model``: the PyTorch model
-    with the same (smoothed) weights; ``ids``: (B, T) token ids."""
+    with the same (smoothed) weights; ``ids``: (B, T) token ids. Either graph may be graph-only
+    (``load_external_data=False``) with its tensors in ``quant_dir`` / ``ref_dir``."""
     from .evaluate import torch_logits_fn
     from .fakequant import fake_quantized
 
     node_of = {m: n for n, m in json.loads(get_metadata(quant)["sq2trt.gemm_modules"]).items()}
     first = [m for m in plan if m.startswith(first_layer_prefix) and plan[m].act_amax is not None]
     nodes = {n.name: n for n in quant.graph.node}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(quant)
     tensors = {m: nodes[node_of[m]].input[0] for m in first}
-    for t in sorted(set(tensors.values())):
-        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
     names = [OUTPUT, *sorted(set(tensors.values()))]
-    got = dict(zip(names, _session(probe).run(names, {INPUT: ids.astype(np.int64)})))
+    added = [onnx.helper.make_empty_tensor_value_info(t) for t in names[1:]]
+    quant.graph.output.extend(added)  # probe outputs, removed again below
+    try:
+        got = dict(zip(names, _session(quant, quant_dir).run(names, {INPUT: ids.astype(np.int64)})))
+    finally:
+        for _ in added:
+            quant.graph.output.pop()
 
     captured: dict[str, np.ndarray] = {}
     with fake_quantized(model, plan):
@@ -102,35 +107,42 @@ def check_export(quant: onnx.ModelProto, ref: onnx.ModelProto, model: torch.nn.M
         max_steps = max(max_steps, float(d.max()))
 
     weights_only = {m: replace(q, act_amax=None) for m, q in plan.items()}
-    wq = insert_qdq(ref, weights_only, level="weights-only-check")
-    w_got = _session(wq).run([OUTPUT], {INPUT: ids.astype(np.int64)})[0]
+    wq = insert_qdq(ref, weights_only, level="weights-only-check", base_dir=ref_dir)
+    w_got = _session(wq, ref_dir).run([OUTPUT], {INPUT: ids.astype(np.int64)})[0]
     with fake_quantized(model, weights_only):
         w_want = torch_logits_fn(model)(ids)
     g = got[OUTPUT]
     return ExportCheck(
-        weights_identical=_weights_identical(quant, wq),
+        weights_identical=_weights_identical(quant, wq, quant_dir),
         act_elements=elements, act_mismatch_fraction=mismatched / max(elements, 1), act_max_step_diff=max_steps,
         weights_only_max_rel=float(np.abs(w_got - w_want).max() / max(np.abs(w_want).max(), 1e-12)),
         logits_rel_l2=float(np.linalg.norm(g - want) / max(np.linalg.norm(want), 1e-12)),
         logits_top1=float((g.argmax(-1) == want.argmax(-1)).mean()))
 
 
-def _weights_identical(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
-    """Every weight DequantizeLinear input (INT8 values, scale, zero point) of ``b`` is in ``a``, equal."""
+def _weights_identical(a: onnx.ModelProto, b: onnx.ModelProto, a_dir=None) -> bool:
+    """Every weight DequantizeLinear input (INT8 values, scale, zero point) of ``b`` is in ``a``, equal.
+    ``a``'s external tensors are read from ``a_dir``, one at a time."""
     from onnx import numpy_helper
 
-    def weight_inits(m: onnx.ModelProto) -> dict[str, np.ndarray]:
+    def weight_inits(m: onnx.ModelProto, base_dir) -> dict[str, np.ndarray]:
         inits = {i.name: i for i in m.graph.initializer}
         out = {}
         for n in m.graph.node:
             if n.op_type == "DequantizeLinear" and n.input[0] in inits:
                 for name in n.input:
-                    out[name] = numpy_helper.to_array(inits[name])
+                    out[name] = numpy_helper.to_array(inits[name], base_dir=str(base_dir or ""))
         return out
 
-    wa, wb = weight_inits(a), weight_inits(b)
+    wa, wb = weight_inits(a, a_dir), weight_inits(b, None)
     return bool(wb) and all(k in wa and wa[k].dtype == v.dtype and np.array_equal(wa[k], v) for k, v in wb.items())
 
 
 def check_export_files(quant_path, ref_path, model, plan, first_layer_prefix, ids) -> ExportCheck:
-    return check_export(load_onnx(quant_path), load_onnx(ref_path), model, plan, first_layer_prefix, ids)
+    """:func:`check_export` on saved graphs of any size: only the graphs and the tensors the check
+    compares are read into memory; sessions read the rest from the files' directories."""
+    from pathlib import Path
+
+    return check_export(load_onnx(quant_path, load_external_data=False), load_onnx(ref_path, load_external_data=False),
+                        model, plan, first_layer_prefix, ids, quant_dir=Path(quant_path).parent,
+                        ref_dir=Path(ref_path).parent)
