@@ -1,12 +1,28 @@
 """Artifacts: written to a temporary name then renamed, each stamped with its config hash.
 
-``build/<model>/<level>/<file>`` plus ``<file>.meta.json``. A rerun reuses an artifact only when
-its meta file exists and records the same hash; an interrupted step leaves at most a stray
-temporary file (``.tmp-*``), never a half-written artifact under its real name.
+``build/<model>/<level>/<file>`` plus its stamp ``<file>.meta.json``. A rerun reuses an artifact only
+when its stamp exists and records the same hash. The protocol, the one way a step makes an artifact::
+
+    with producing(path) as tmp:   # 1. the stamp is removed first, then tmp is written
+        write(tmp)                 # 2. tmp is renamed to path only if the block succeeds
+    stamp(path, config_hash)       # 3. the stamp is written last
+
+so whatever the moment a run dies, a stamp never vouches for a file it was not written for: an
+interrupted step leaves the old artifact unstamped (rebuilt on rerun) or stray ``.tmp-*`` files,
+never a half-written artifact under its real name. Writers of several files (``export.save_onnx``:
+``.onnx`` + ``.data``) follow the same order themselves. Named :func:`crash_point` s let tests kill a
+run at each moment ("artifact:replaced:<file name>" sits between steps 2 and 3).
+
+Config hashes are built from content, never from paths or times: :func:`file_digest` (model
+weights, calibration and evaluation text), :func:`source_fingerprint` (sq2trt's own code) and
+:func:`tool_versions` (the libraries whose behaviour the artifact depends on).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -15,6 +31,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import OutputDirError
+
+log = logging.getLogger(__name__)
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:
@@ -30,10 +48,12 @@ def ensure_dir(path: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
+def producing(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Remove ``path``'s stamp, then yield a temporary path beside ``path`` and rename it to ``path``
+    only if the block succeeds; the caller :func:`stamp` s it afterwards (see the module docstring)."""
     path = Path(path)
     ensure_dir(path.parent)
+    meta_path(path).unlink(missing_ok=True)  # no stamp may vouch for a file being replaced
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
     os.close(fd)
     tmp_p = Path(tmp)
@@ -48,8 +68,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             tmp_p.unlink()
 
 
+atomic_path = producing  # the former name, still used by engine.py, trt.py, plots.py
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
+    with producing(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
@@ -67,10 +90,16 @@ def meta_path(path: str | os.PathLike) -> Path:
 
 
 def stamp(path: str | os.PathLike, config_hash: str, **info: Any) -> None:
-    """Record that ``path`` was made from ``config_hash`` (written after the artifact itself)."""
+    """Record that ``path`` was made from ``config_hash``: the last thing a step does, once the
+    artifact is in place (see the module docstring)."""
     from . import __version__
 
+    path = Path(path)
+    crash_point(f"artifact:replaced:{path.name}")
+    if not path.exists():
+        raise FileNotFoundError(f"cannot stamp {path}: the step did not write it")
     write_json(meta_path(path), {"config_hash": config_hash, "sq2trt": __version__,
+                                 "source": source_fingerprint(),
                                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info})
 
 
@@ -102,3 +131,80 @@ class InjectedCrash(RuntimeError):
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return read_json(meta_path(path))
+
+
+# --------------------------------------------------------------------------- content identities
+_DIGESTS: dict[tuple, str] = {}
+_CACHE_MIN = 64 << 20  # smaller files are re-hashed every time (1 MB of text: about a millisecond)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (hex).
+
+    Model weights are hashed in full rather than sampled (header + size + a few blocks): a sampled
+    hash misses edits that keep the header and the size, e.g. a fine-tuned or partly merged
+    checkpoint saved over the same file, which is exactly when a stale artifact would be wrong. A
+    full hash of a 13 GB checkpoint costs one read at disk speed, once: digests of files of 64 MiB
+    or more are kept (in this process and under ``$SQ2TRT_CACHE/digests``, default
+    ``~/.cache/sq2trt``) keyed by (path, device, inode, size, mtime_ns), so later runs pay one
+    ``stat``; any ordinary write changes the key. Smaller files (calibration and evaluation text,
+    configs, tokenizers) are hashed afresh on every call, so even an edit that keeps size and mtime
+    is seen."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    cache = None
+    if st.st_size >= _CACHE_MIN:
+        if key in _DIGESTS:
+            return _DIGESTS[key]
+        root = Path(os.environ.get("SQ2TRT_CACHE", Path.home() / ".cache" / "sq2trt")) / "digests"
+        cache = root / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
+        try:
+            _DIGESTS[key] = cache.read_text().strip()
+            return _DIGESTS[key]
+        except OSError:
+            pass
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for block in iter(lambda: fh.read(16 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    if cache is not None:
+        _DIGESTS[key] = digest
+        try:
+            atomic_write_text(cache, digest)
+        except Exception as exc:  # noqa: BLE001 - a cache we cannot write only costs time
+            log.debug("digest cache %s not written: %s", cache, exc)
+    return digest
+
+
+def source_id(spec: str) -> str:
+    """Identity of a text source (calibration / evaluation data) by content: a file by the sha256
+    of its bytes (the same text at another path is the same source; an edited file is not), an
+    ``hf:`` dataset by its spec string (it is named, not downloaded, when hashing)."""
+    p = Path(spec) if spec and not spec.startswith("hf:") else None
+    return f"sha256:{file_digest(p)}" if p is not None and p.is_file() else spec
+
+
+@functools.lru_cache(maxsize=None)
+def source_fingerprint() -> str:
+    """Hash of sq2trt's own ``.py`` files: a code change invalidates every artifact made before it
+    (the version number alone does not change with each edit)."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def tool_versions() -> dict[str, str]:
+    """Versions of the libraries artifacts depend on: torch and transformers (calibration,
+    smoothing, export), onnx (export, Q/DQ), onnxruntime (the engine and all measured through it)."""
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from .artifacts import crash_point
 from .errors import NonFiniteActivationError
 from .numerics import percentile_absmax
 
@@ -85,6 +86,8 @@ def collect_with(model: torch.nn.Module, names: list[str], windows: torch.Tensor
             body(input_ids=batch, use_cache=False)
             if progress is not None:
                 progress(batch.shape[0])
+            if i == 0:
+                crash_point("calibrate:first-batch")  # tests: a run killed mid-calibration
     missing = [n for n in names if n not in stats]
     if missing:
         raise RuntimeError(f"calibration hooks never fired for {missing[:3]}...; the architecture row "

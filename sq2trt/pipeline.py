@@ -82,13 +82,24 @@ class Pipeline:
         return self.level_dir / name
 
     def _model_id(self) -> list[Any]:
+        """The model by content: a GGUF file, a ``random:<config.json>`` or every top-level file of a
+        local directory (config, tokenizer, weights) by sha256 (artifacts.file_digest: why full
+        hashes, and how they are cached); a Hub id or ``random:<name>`` by its name (a tiny config
+        lives in sq2trt's source, which the source fingerprint covers)."""
+        from .artifacts import file_digest
+
         spec = self.config.model
+        ident: list[Any] = [self.config.trust_remote_code]
+        if spec.startswith("random:"):
+            cfg = Path(spec[len("random:"):])
+            return ident + ["random", file_digest(cfg) if cfg.suffix == ".json" and cfg.is_file() else spec]
         p = Path(spec)
-        ident: list[Any] = [spec, self.config.trust_remote_code]
-        if p.exists():
-            files = [p] if p.is_file() else sorted(x for x in p.iterdir() if x.is_file())
-            ident += [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
-        return ident
+        if p.is_file():
+            return ident + [file_digest(p)]
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+            return ident + [(f.name, file_digest(f)) for f in files]
+        return ident + [spec]
 
     @property
     def alpha(self) -> float:
@@ -105,20 +116,24 @@ class Pipeline:
         from .plan import make_plan
         from .search import search_alpha
 
+        q = self.config.quant
         path = self.path("alpha_search.json")
-        h = config_hash(self.h("stats"), self.config.quant.level, self.config.quant.fp_fallback, "search-v1")
+        # smooths as smooth() will: the same folds, the fixed per-kind alphas (a kind search, if any,
+        # starts from the alpha found here)
+        h = config_hash(self.h("stats"), q.level, q.fp_fallback, q.smooth_folds, q.alpha_by_kind, "search-v2")
         if not self.force and fresh(path, h):
             return float(read_json(path)["alpha"])
         stats = load_file(str(self.calibrate()))
         self._require_raw_model()
-        plan = make_plan(self.gemm_names(), self.config.quant, {}, layout=self.arch.layout.value)
+        plan = make_plan(self.gemm_names(), q, {}, layout=self.arch.layout.value)
         windows = self._windows("calib")
         from .search import GRID
 
         bar = self._progress("alpha search (SmoothQuant+)", len(GRID))
         try:
             with self._timed("alpha_search"):
-                res = search_alpha(self.loaded.model, self.arch, stats, plan, windows, progress=bar.update)
+                res = search_alpha(self.loaded.model, self.arch, stats, plan, windows, progress=bar.update,
+                                   folds=q.smooth_folds, alpha_by_kind=q.alpha_by_kind)
         finally:
             bar.close()
         ensure_dir(self.level_dir)
@@ -167,9 +182,16 @@ class Pipeline:
         return {k: float(v) for k, v in res.alphas.items()}
 
     def h(self, step: str) -> str:
+        """Config hash of a step's artifact: what it was made from, by content (model files and
+        text by sha256, not path or mtime), plus sq2trt's source fingerprint and the versions of the
+        libraries the step runs through (artifacts.tool_versions)."""
+        from . import artifacts
+
         c, q = self.config, self.config.quant
-        model = config_hash(self._model_id(), __version__)
-        stats = config_hash(model, c.calib)
+        v = artifacts.tool_versions()
+        calib = dataclasses.replace(c.calib, data=artifacts.source_id(c.calib.data))
+        model = config_hash(self._model_id(), artifacts.source_fingerprint(), v["torch"], v["transformers"])
+        stats = config_hash(model, calib)
         if step == "stats":  # before any alpha: a searched alpha (SmoothQuant+) itself needs the stats
             return stats
         # levels without smoothing do not depend on calibration statistics
@@ -177,9 +199,9 @@ class Pipeline:
                   else config_hash(model, None))
         hashes = {
             "stats": stats,
-            "base": config_hash(model, c.opset),
+            "base": config_hash(model, c.opset, v["onnx"]),
             "smooth": smooth,
-            "scales": config_hash(smooth, c.calib, q.act_clip,
+            "scales": config_hash(smooth, calib, q.act_clip,
                                   q.act_percentile if q.act_clip in ("percentile", "auto") else None,
                                   # auto chooses on the quantized model's output: its weights and FP set matter
                                   (q.level, q.weight_granularity, q.fp_fallback) if q.act_clip == "auto" else None),
@@ -189,8 +211,11 @@ class Pipeline:
         from .export import QDQ_FORMAT
 
         hashes["quant"] = config_hash(hashes["ref"], hashes["scales"], q, QDQ_FORMAT)
-        hashes["engine"] = config_hash(hashes["quant"], "ort", self.device)
-        hashes["compare"] = config_hash(hashes["engine"], c.eval)
+        hashes["engine"] = config_hash(hashes["quant"], "ort", self.device, v["onnxruntime"])
+        evald = dataclasses.replace(c.eval, data=artifacts.source_id(c.eval.data))
+        hashes["compare"] = config_hash(hashes["engine"], evald)
+        # the reference's perplexity, which another level with the same ref.onnx may reuse
+        hashes["ref_ppl"] = config_hash(hashes["ref"], evald, "ort", self.device, v["onnxruntime"])
         hashes["fp16"] = config_hash(hashes["quant"], "fp16")
         hashes["plan"] = config_hash(hashes["fp16"], "trt", dataclasses.replace(c.trt, timing_cache=""))
         return hashes[step]
@@ -262,13 +287,13 @@ class Pipeline:
         with self._timed("fallback"):
             res = auto_fallback(model, plan, self._windows("calib")[:2, :256], heldout, q.max_ppl_increase)
         write_json(path, {**res.to_dict(), "heldout_tokens": int(heldout.numel())})
-        stamp(path, self.h("fallback"), met=res.met)
         dump_recipe(self.config.replace(quant={"fp_fallback": list(q.fp_fallback) + res.fallback,
                                                "max_ppl_increase": 0.0}),
                     self.path("recipe.yaml"), family=self.arch_name(),
                     notes=f"automatic FP fallback for max_ppl_increase={q.max_ppl_increase}: {len(res.fallback)} "
                           f"GEMMs, held-out calibration ppl increase {res.increase:.4f} "
                           f"({'met' if res.met else 'NOT met'})")
+        stamp(path, self.h("fallback"), met=res.met)  # last: fallback.json and its recipe are both written
 
     def arch_name(self) -> str:
         from .archs import arch_name
@@ -304,7 +329,7 @@ class Pipeline:
         """Per-channel max|x| at the input of every quantized Linear (unsmoothed model)."""
         from safetensors.torch import load_file, save_file
 
-        from .artifacts import atomic_path
+        from .artifacts import producing
         from .calibrate import per_channel_absmax
 
         path = self.model_dir / "act_stats.safetensors"
@@ -315,7 +340,7 @@ class Pipeline:
         with self._timed("calibrate"):
             stats = self._collect("calibrate (per-channel max|x|)", self.gemm_names(with_fallback=True),
                                   per_channel_absmax)
-        with atomic_path(path) as tmp:
+        with producing(path) as tmp:
             save_file({k: v.contiguous() for k, v in stats.items()}, str(tmp))
         stamp(path, self.h("stats"), calib=self.config.calib.__dict__, seconds=self.timings["calibrate"])
         load_file(str(path))  # fail now, not later, if the file is unreadable
@@ -326,7 +351,7 @@ class Pipeline:
         in-memory model."""
         from safetensors.torch import load_file, save_file
 
-        from .artifacts import atomic_path
+        from .artifacts import producing
         from .archs import GROUP_KINDS
         from .smooth import group_scales
 
@@ -341,7 +366,7 @@ class Pipeline:
                 q = self.config.quant
                 alpha = {**{k: self.alpha for k in GROUP_KINDS}, **self.kind_alphas}
                 scales = group_scales(self.loaded.model, self.arch, stats, alpha, q.smooth_folds)
-            with atomic_path(path) as tmp:
+            with producing(path) as tmp:
                 save_file({k: v.contiguous() for k, v in scales.items()}, str(tmp))
             stamp(path, self.h("smooth"), alpha=self.alpha, alpha_by_kind=self.kind_alphas,
                   smooth_folds=list(q.smooth_folds))
@@ -459,8 +484,9 @@ class Pipeline:
         ensure_dir(self.level_dir)
         with self._timed("export"):
             if not fresh(ref, self.h("ref")) or self.force:
-                proto = refresh_weights(load_onnx(base), model)
-                save_onnx(proto, ref)
+                # graph only: tensors the model does not own stay in base.onnx's data until saved
+                proto = refresh_weights(load_onnx(base, load_external_data=False), model)
+                save_onnx(proto, ref, base_dir=base.parent)
                 err = check_against_torch(model, ref)
                 if err > 1e-4:
                     log.warning("weight refresh of %s differs from PyTorch by %.2e; exporting afresh", ref, err)
@@ -473,12 +499,18 @@ class Pipeline:
                 stamp(ref, self.h("ref"), max_rel_vs_torch=err, alpha=self.alpha if self.scheme.smooth else None)
             if not self.scheme.quantizes:
                 return ref, ref
+            from .artifacts import crash_point
+
+            crash_point("export:mid")
+            if fresh(quant, self.h("quant")) and not self.force:  # ref rebuilt, the Q/DQ graph still trusted
+                return ref, quant
             plan = self.plan()
             bmm = self._bmm_scales(ref) if self.config.quant.quantize_bmm else None
-            qproto = insert_qdq(load_onnx(ref), plan, level=self.config.quant.level, bmm=bmm,
+            qproto = insert_qdq(load_onnx(ref, load_external_data=False), plan, level=self.config.quant.level,
+                                bmm=bmm, base_dir=ref.parent,
                                 metadata={"sq2trt.alpha": self.alpha if self.scheme.smooth else "none",
                                           "sq2trt.config_hash": self.h("quant")})
-            save_onnx(qproto, quant)
+            save_onnx(qproto, quant, base_dir=ref.parent)
             # PyTorch fake quantization models the Linears only: with quantized BMMs the graph is
             # not checked here (None) rather than checked against a wrong reference.
             check = None if bmm else self._check_export(quant, ref, plan)
@@ -494,7 +526,9 @@ class Pipeline:
         if not self.scheme.act_static:
             raise ConfigError("--quantize-bmm needs a level with static activations (O3, W8A8)")
         path = self.path("bmm_scales.json")
-        h = config_hash(self.h("ref"), self.h("scales"), "bmm")
+        from .artifacts import tool_versions
+
+        h = config_hash(self.h("ref"), self.h("scales"), "bmm", tool_versions()["onnxruntime"])
         if not self.force and fresh(path, h):
             return read_json(path)
         tensors = sorted({t for ins in bmm_inputs(load_onnx(ref, load_external_data=False)).values() for t in ins})
@@ -641,7 +675,7 @@ class Pipeline:
                   "eval_config": dict(self.config.eval.__dict__),
                   "eval": {"data": self.config.eval.data, "window": self.config.eval.window,
                            "tokens": int(windows.numel()), "windows": int(windows.shape[0])},
-                  "export_check": self._quant_meta().get("export_check")}
+                  "export_check": self._quant_meta().get("export_check"), "ref_ppl_hash": self.h("ref_ppl")}
         write_json(path, result)
         stamp(path, self.h("compare"))
         return result
@@ -659,10 +693,13 @@ class Pipeline:
                  batch_tokens: int = 4096) -> dict[str, Any]:
         """Perplexity three ways (PyTorch float, PyTorch fake-quant, the engine both as the exact
         Q/DQ graph and as the optimized ORT engine) and zero-shot task accuracy: ``eval.json``."""
-        from .evaluation import evaluate_pipeline, tasks_identity
+        from .artifacts import file_digest
+        from .evaluation import evaluate_pipeline
 
         resolved = self._resolve_tasks(tasks, task_limit, task_data)
-        h = config_hash(self.h("engine"), self.config.eval, tasks_identity(resolved), batch_tokens, "eval-v2")
+        # the engine and the eval text (both in the "compare" hash), task files by content
+        tasks_id = [(name, file_digest(p), len(examples)) for name, p, examples in resolved]
+        h = config_hash(self.h("compare"), tasks_id, batch_tokens, "eval-v3")
         path = self.path("eval.json")
         if not self.force and fresh(path, h):
             log.info("reusing %s (config hash %s)", path, h)
@@ -688,9 +725,12 @@ class Pipeline:
         if not self.scheme.quantizes:
             raise ConfigError(f"level {self.config.quant.level} quantizes nothing; diagnose a quantized level "
                               "(--level O3 or W8A8)")
+        from . import artifacts
+
         ref, quant = self.export()
-        h = config_hash(self.h("quant"), self.config.eval.compare_samples, self.config.eval.compare_seq_len, top,
-                        "diagnose-v2")
+        e = self.config.eval
+        h = config_hash(self.h("quant"), artifacts.source_id(e.data), e.compare_samples, e.compare_seq_len, top,
+                        artifacts.tool_versions()["onnxruntime"], "diagnose-v3")
         path = self.path("layers.json")
         if not self.force and fresh(path, h):
             return read_json(path)
@@ -710,15 +750,14 @@ class Pipeline:
             return {}
 
     def _cached_ref_ppl(self) -> float | None:
-        """Perplexity of an identical reference (same ref hash, same eval config) from another level."""
-        want = (read_meta(self.path("ref.onnx"))["config_hash"], self.config.eval.__dict__)
+        """Perplexity of an identical reference (same ref.onnx, eval text by content, ORT) from another level."""
+        want = self.h("ref_ppl")
         for cmp in self.model_dir.glob("*/compare.json"):
-            ref_meta = cmp.parent / "ref.onnx.meta.json"
-            if cmp.parent == self.level_dir or not ref_meta.exists():
+            if cmp.parent == self.level_dir:
                 continue
             try:
                 other = read_json(cmp)
-                if (read_json(ref_meta)["config_hash"], other["eval_config"]) == want:
+                if other.get("ref_ppl_hash") == want:
                     return float(other["ppl"]["reference"])
             except (KeyError, OSError, ValueError):
                 continue

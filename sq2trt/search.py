@@ -13,15 +13,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
-from .archs import Arch, decoder_layers
+from .archs import GROUP_KINDS, Arch, decoder_layers
 from .errors import ConfigError
 from .fakequant import fake_quantized, module_weights
 from .plan import GemmQuant
-from .smooth import apply_scales, group_scales
+from .smooth import DEFAULT_FOLDS, apply_scales, group_scales
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,13 @@ def _smoothing_params(model: torch.nn.Module, arch: Arch, plan: dict[str, GemmQu
 @torch.no_grad()
 def search_alpha(model: torch.nn.Module, arch: Arch, act_stats: dict[str, torch.Tensor],
                  plan: dict[str, GemmQuant], windows: torch.Tensor, *, grid: tuple[float, ...] = GRID,
-                 loss: str = "kl", batch_size: int = 4,
-                 progress: Callable[[int], None] | None = None) -> SearchResult:
+                 loss: str = "kl", batch_size: int = 4, progress: Callable[[int], None] | None = None,
+                 folds: tuple[str, ...] = DEFAULT_FOLDS,
+                 alpha_by_kind: Mapping[str, float] | None = None) -> SearchResult:
     """Return the alpha in ``grid`` minimising the model-output loss of ``plan``'s fake quantization on
-    ``windows`` (n, T). The model is left exactly as it was (unsmoothed if it came in unsmoothed)."""
+    ``windows`` (n, T). Each candidate smooths exactly as the level will: the groups of ``folds``
+    (``quant.smooth_folds``), with ``alpha_by_kind`` overriding the candidate for its kinds. The model
+    is left exactly as it was (unsmoothed if it came in unsmoothed)."""
     if loss not in LOSSES:
         raise ConfigError(f"search loss must be one of {LOSSES}, got {loss!r}")
     if not grid or any(not 0.0 <= a <= 1.0 for a in grid):
@@ -88,7 +91,8 @@ def search_alpha(model: torch.nn.Module, arch: Arch, act_stats: dict[str, torch.
     losses: dict[float, float] = {}
     try:
         for alpha in grid:
-            apply_scales(model, arch, group_scales(model, arch, act_stats, alpha))
+            per_kind = {**dict.fromkeys(GROUP_KINDS, alpha), **(alpha_by_kind or {})}
+            apply_scales(model, arch, group_scales(model, arch, act_stats, per_kind, folds))
             total = 0.0
             with fake_quantized(model, plan):
                 for b, r in zip(batches, ref):

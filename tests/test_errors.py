@@ -184,18 +184,18 @@ def test_interrupted_calibration_leaves_no_artifact(tmp_path, calib_text, monkey
 
 
 def test_interrupted_export_leaves_no_artifact(tmp_path, monkeypatch):
-    import onnx
+    import onnx_ir
 
     from sq2trt.export import export_reference
 
-    real_save = onnx.save_model
+    real_save = onnx_ir.save
 
     def dying_save(model, path, *a, **kw):
         real_save(model, path, *a, **kw)
         Path(path).write_bytes(Path(path).read_bytes()[:100])  # a partial file ...
         raise KeyboardInterrupt  # ... and the process is interrupted
 
-    monkeypatch.setattr(onnx, "save_model", dying_save)
+    monkeypatch.setattr(onnx_ir, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         export_reference(load_model("random:llama").model, tmp_path / "ref.onnx")
     assert list(tmp_path.iterdir()) == []
