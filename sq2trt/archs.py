@@ -258,3 +258,40 @@ def gemm_kind(arch: Arch, name: str) -> str:
         if any(name == c or name.endswith("." + c) for c in g.consumers):
             return g.kind
     return "other"
+
+
+# --------------------------------------------------------------------------- recipes
+# The recipe (recipes/<family>.yaml) of each row, so a run picks its family's alpha and level options
+# from the checkpoint's own config rather than from what the model happens to be called.
+RECIPES: dict[str, str] = {
+    "OPTForCausalLM": "opt",
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "BloomForCausalLM": "bloom",
+    "FalconForCausalLM": "falcon",
+    "MixtralForCausalLM": "mixtral",
+    "GPT2LMHeadModel": "gpt2",
+    "GPTJForCausalLM": "gptj",
+    "GPTNeoXForCausalLM": "gpt-neox",
+}
+# Configurations of a row whose family recipe was written for another layout: they get no recipe
+# (the table row's own alpha applies) rather than a recipe that would override it with the wrong one.
+RECIPE_EXCEPTIONS: dict[str, tuple[dict[str, Any], str]] = {
+    "FalconForCausalLM": ({"new_decoder_architecture": True},
+                          "recipes/falcon.yaml is for the Falcon-7B layout (alpha 0.6); this is the new decoder "
+                          "architecture (Falcon-40B/180B), so the table's alpha 0.7 applies"),
+}
+
+
+def recipe_for(config: Any) -> tuple[str | None, str]:
+    """The recipe family for a model config (``recipes/<family>.yaml``), or None, and why.
+
+    Raises UnsupportedArchitectureError (with how to add a row) for an architecture the table
+    lacks, so an unusable model is refused before its weights are read."""
+    name = arch_name(config)
+    get_arch(config)
+    exception = RECIPE_EXCEPTIONS.get(name)
+    if exception and all(getattr(config, k, None) == v for k, v in exception[0].items()):
+        return None, exception[1]
+    return RECIPES[name], f"the model's config declares {name}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import typing
 from dataclasses import MISSING, fields
@@ -16,10 +17,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import LEVELS, CalibConfig, Config, EvalConfig, QuantConfig, load_recipe, merge
-from .errors import Sq2trtError
+from .errors import BROKEN_PIPE_EXIT, EXIT_CODES, INTERNAL_ERROR_EXIT, INTERRUPTED_EXIT, ConfigError, Sq2trtError
 from .trt import TrtConfig
 
 log = logging.getLogger("sq2trt")
+
+# The shipped recipes: the checkout's top-level recipes/ (the package is installed editable).
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 _SECTIONS = (("quant", QuantConfig, ""), ("calib", CalibConfig, "calib-"), ("eval", EvalConfig, "eval-"),
              ("trt", TrtConfig, "trt-"))
@@ -43,7 +47,8 @@ def _flag_type(tp: Any):
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("configuration (overrides the recipe)")
     g.add_argument("--model", help="HF id, model directory, .gguf file, or random:<arch|config.json>")
-    g.add_argument("--recipe", help="recipe YAML (recipes/<family>.yaml)")
+    g.add_argument("--recipe", help="recipe YAML; default: recipes/<family>.yaml of the architecture the "
+                   "model's config declares; 'none' for built-in defaults")
     g.add_argument("--opset", type=int, help="ONNX opset of the export (default 21)")
     g.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="allow model code from the hub (off unless asked)")
@@ -70,13 +75,87 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    base: dict[str, Any] = {}
-    if getattr(args, "recipe", None):
-        base = load_recipe(args.recipe)
+    """Defaults < ``--recipe`` (``none``: no recipe) < flags; no recipe is chosen automatically
+    (:func:`resolved_config` does that)."""
+    recipe = getattr(args, "recipe", None)
+    return _config(args, recipe if recipe and recipe.lower() != "none" else None)
+
+
+def _config(args: argparse.Namespace, recipe: str | None) -> Config:
+    base: dict[str, Any] = load_recipe(recipe) if recipe else {}
     over: dict[str, Any] = {"model": args.model, "opset": args.opset, "trust_remote_code": args.trust_remote_code}
     for section, _, _ in _SECTIONS:
         over[section] = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith(section + ".")}
     return Config.from_dict(merge(Config().to_dict(), merge(base, over)))
+
+
+def resolve_recipe(args: argparse.Namespace) -> str | None:
+    """The recipe for this run: ``--recipe`` as given, none for ``--recipe none`` or a ``random:`` test
+    model, else the family recipe of the architecture the model's config declares (read without weights; see
+    sq2trt.budget.model_config). Logs which was chosen and why."""
+    if getattr(args, "recipe", None):
+        if args.recipe.lower() == "none":
+            log.info("recipe: none (--recipe none): built-in defaults and flags")
+            return None
+        log.info("recipe: %s (--recipe)", args.recipe)
+        return args.recipe
+    if not args.model:
+        return None
+    if args.model.startswith("random:"):  # test models: the built-in defaults, unless a recipe is named
+        log.info("recipe: none for %s (random test model; --recipe PATH to use one)", args.model)
+        return None
+    from .archs import arch_name, recipe_for
+    from .budget import model_config
+
+    model_cfg = model_config(args.model, bool(args.trust_remote_code))
+    family, why = recipe_for(model_cfg)
+    if family is None:
+        log.info("recipe: none for %s: %s", args.model, why)
+        return None
+    path = RECIPE_DIR / f"{family}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} (for {arch_name(model_cfg)}) is missing: sq2trt reads its recipes "
+                          "from the recipes/ folder of the checkout it is installed from (pip install -e). "
+                          "Pass --recipe PATH, or --recipe none for built-in defaults.")
+    log.info("recipe: %s, because %s (--recipe PATH to choose another, --recipe none for none)", path, why)
+    return str(path)
+
+
+def resolved_config(args: argparse.Namespace) -> Config:
+    """Defaults < the recipe :func:`resolve_recipe` picks < flags: what every command runs with."""
+    return _config(args, resolve_recipe(args))
+
+
+# What each command writes to disk, for the resource estimate (see sq2trt.budget.estimate).
+def _artifacts(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.command in ("calibrate", "smooth", "sweep"):
+        return ()
+    if args.command == "export":
+        return ("onnx", "fp16") if args.fp16 else ("onnx",)
+    if getattr(args, "backend", "ort") == "trt":
+        return ("onnx", "fp16", "plan")
+    return ("onnx", "engine")
+
+
+def _budget(args: argparse.Namespace, config: Config, levels: Sequence[str]):
+    from . import budget
+
+    est = budget.estimate(config, levels, _artifacts(args))
+    return est, budget.available(args.out, config.model, args.device)
+
+
+def check_resources(args: argparse.Namespace, config: Config, levels: Sequence[str]) -> None:
+    """Stop with ResourceBudgetError (exit 5) before anything loads when the run cannot fit."""
+    from .budget import SKIP_ENV, check
+
+    if args.no_resource_check or os.environ.get(SKIP_ENV, "") not in ("", "0"):
+        log.warning("resource check skipped (--no-resource-check / %s)", SKIP_ENV)
+        return
+    est, avail = _budget(args, config, levels)
+    log.info("resources: host RAM ~%.1f of %.1f GiB available, disk ~%.1f of %.1f GiB (%.2f B parameters)",
+             est.ram_bytes / 2**30, avail.ram_bytes / 2**30, est.disk_bytes / 2**30, avail.disk_bytes / 2**30,
+             est.params.total / 1e9)
+    check(est, avail)
 
 
 def _tqdm_progress(quiet: bool):
@@ -88,11 +167,14 @@ def _tqdm_progress(quiet: bool):
     return lambda desc, total: tqdm(total=total, desc=desc, unit="seq", leave=False, file=sys.stderr, disable=None)
 
 
-def _pipeline(args: argparse.Namespace, config: Config | None = None):
+def _pipeline(args: argparse.Namespace, config: Config | None = None, *, check: bool = True):
+    """The Pipeline for this command; ``check``: first verify the run fits this machine."""
     from .pipeline import Pipeline
 
-    return Pipeline(config or config_from_args(args), args.out, device=args.device,
-                    progress=_tqdm_progress(args.quiet), force=args.force)
+    config = config or resolved_config(args)
+    if check:
+        check_resources(args, config, [config.quant.level])
+    return Pipeline(config, args.out, device=args.device, progress=_tqdm_progress(args.quiet), force=args.force)
 
 
 def cmd_calibrate(args):
@@ -134,7 +216,7 @@ def cmd_compare(args):
         from .data import eval_windows, load_text, tokenize
         from .models import load_model
 
-        cfg = config_from_args(args)
+        cfg = resolved_config(args)
         tok = load_model(cfg.model).tokenizer if cfg.model else None
         if tok is None:
             raise Sq2trtError("--model is needed to tokenize the comparison text")
@@ -199,7 +281,8 @@ def cmd_sweep(args):
     from .pipeline import Pipeline
     from .plots import alpha_sweep, plot_alpha_sweep
 
-    config = config_from_args(args)
+    config = resolved_config(args)
+    check_resources(args, config, [config.quant.level])
     points = alpha_sweep(config, [float(a) for a in args.alphas], args.out, progress=_tqdm_progress(args.quiet))
     model_dir = Pipeline(config, args.out).model_dir
     d = {"points": points, "level": config.quant.level, "calib": config.to_dict()["calib"],
@@ -220,12 +303,13 @@ def _ordered_levels(levels: Sequence[str]) -> list[str]:
 def cmd_run(args):
     from .report import write_summary
 
-    config = config_from_args(args)
+    config = resolved_config(args)
     levels = _ordered_levels(args.levels or [config.quant.level])
+    check_resources(args, config, levels)
     shared = None
     reports = []
     for level in levels:
-        pipe = _pipeline(args, config.replace(quant={"level": level}))
+        pipe = _pipeline(args, config.replace(quant={"level": level}), check=False)
         if shared is not None:
             pipe.adopt(shared)
         reports.append(pipe.run())
@@ -233,6 +317,16 @@ def cmd_run(args):
         print(f"[{level}] report: {pipe.path('report.md')}", file=sys.stderr)
     summary = write_summary(reports, shared.model_dir)
     print(summary.read_text())
+
+
+def cmd_plan_resources(args):
+    """Print the resource estimate next to what this machine has; exit 5 when it does not fit."""
+    from . import budget
+
+    config = resolved_config(args)
+    est, avail = _budget(args, config, list(dict.fromkeys(args.levels or [config.quant.level])))
+    print(budget.render(est, avail))
+    budget.check(est, avail)
 
 
 def cmd_levels(args):
@@ -246,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-V", "--version", action="version", version=f"sq2trt {__import__('sq2trt').__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def step(name: str, fn, help_: str, config: bool = True) -> argparse.ArgumentParser:
+    def step(name: str, fn, help_: str, config: bool = True, resource_check: bool = True) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.set_defaults(fn=fn)
         if config:
@@ -255,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                             help="ONNX Runtime device (default auto)")
             sp.add_argument("--force", action="store_true", help="recompute even when artifacts match")
+            if resource_check:
+                sp.add_argument("--no-resource-check", action="store_true",
+                                help="skip the check that the model fits this machine's RAM, GPU memory and "
+                                     "disk (also SQ2TRT_NO_RESOURCE_CHECK=1); see `sq2trt plan-resources`")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
         sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         return sp
@@ -289,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = step("run", cmd_run, "the whole flow: calibrate, smooth, export, build, compare, report")
     r.add_argument("--levels", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    help="comma-separated levels to run in one go (e.g. fp,W8A8,O3); default: --level")
+    pr = step("plan-resources", cmd_plan_resources, "estimate peak host RAM, GPU memory and disk from the model's "
+              "config (no weights loaded) and compare with this machine (exit 5 when it does not fit)",
+              resource_check=False)
+    pr.add_argument("--levels", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                    help="comma-separated levels the run would make (default: --level)")
+    pr.add_argument("--backend", default="ort", choices=("ort", "trt"),
+                    help="trt also counts the FP16 ONNX and the .plan of each level")
     step("levels", cmd_levels, "print the level x backend support matrix", config=False)
     lt = step("lint", cmd_lint, "check an ONNX file against TensorRT's Q/DQ rules (exit 0 pass, 1 fail)",
               config=False)
@@ -313,8 +418,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted; finished artifacts are kept, nothing half-written was left", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT
+    except BrokenPipeError:  # `sq2trt ... | head`: the reader left; not a bug, and nothing more to print
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return BROKEN_PIPE_EXIT
+    except Exception as exc:  # noqa: BLE001 - anything unanticipated is a bug, and gets its own exit code
+        return _internal_error(args, exc, sys.argv[1:] if argv is None else list(argv))
     return rc or 0
+
+
+def _internal_error(args: argparse.Namespace, exc: Exception, argv: list[str]) -> int:
+    """Report an exception that is not a typed sq2trt error: a paragraph naming the crash log (full
+    traceback, command line, versions) and asking for a report; the traceback on stderr at -v.
+    Exit 70, so it cannot be mistaken for a failed accuracy gate (Python's default exit is 1)."""
+    import traceback
+
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if args.verbose:
+        print(tb, file=sys.stderr, end="")
+    where = _write_crash_log(args, argv, tb)
+    print(f"sq2trt {args.command}: internal error: {type(exc).__name__}: {str(exc)[:500]}\n"
+          "This failure is not one sq2trt anticipates, so it is most likely a bug in sq2trt or in a library it "
+          "calls rather than a problem with your input. "
+          + (f"The traceback, the command line and the library versions are in {where}; please report it to the "
+             "sq2trt maintainers with that file attached. " if where else
+             "No crash log could be written; please report it to the sq2trt maintainers with the output of the "
+             "same command rerun with -v. ")
+          + ("" if args.verbose else "Rerun with -v to print the traceback here. ")
+          + "Finished artifacts are kept; nothing half-written is reused.", file=sys.stderr)
+    return INTERNAL_ERROR_EXIT
+
+
+def _write_crash_log(args: argparse.Namespace, argv: list[str], tb: str) -> Path | None:
+    """``<out>/logs/sq2trt-crash-<time>-<pid>.log`` (the temp folder for commands without --out, or
+    when --out is not writable); None when neither can be written."""
+    import datetime
+    import platform
+    import tempfile
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    versions = {m: getattr(sys.modules[m], "__version__", "?") for m in
+                ("torch", "transformers", "onnx", "onnxruntime", "polygraphy", "numpy") if m in sys.modules}
+    text = (f"sq2trt {__import__('sq2trt').__version__} internal error at {stamp}\n"
+            f"command: sq2trt {' '.join(argv)}\npython {platform.python_version()} on {platform.platform()}\n"
+            f"versions: {versions}\nexit code: {INTERNAL_ERROR_EXIT} ({EXIT_CODES[INTERNAL_ERROR_EXIT]})\n\n{tb}")
+    dirs = [Path(args.out) / "logs"] if getattr(args, "out", None) else []
+    for d in dirs + [Path(tempfile.gettempdir())]:
+        path = d / f"sq2trt-crash-{stamp}-{os.getpid()}.log"
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            return path
+        except OSError:
+            continue
+    return None
 
 
 if __name__ == "__main__":

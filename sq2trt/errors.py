@@ -63,3 +63,35 @@ class AccuracyGateError(Sq2trtError):
 
     exit_code = 1
 
+
+class ResourceBudgetError(Sq2trtError):
+    """The model and levels asked for need more RAM, GPU memory or disk than this machine has
+    (estimated from the config before any weight loads; ``sq2trt.budget``). Its own exit code,
+    not 2: the input is valid, the machine is too small, so CI can retry on a bigger one."""
+
+    exit_code = 5
+
+
+# Exit codes of the ``sq2trt`` command, one meaning each (the README's table is checked against
+# this). 1 is shared by the two checks CI gates on; everything unexpected is 70 (sysexits'
+# EX_SOFTWARE), never Python's default 1, which would read as "accuracy gate failed".
+INTERNAL_ERROR_EXIT = 70
+INTERRUPTED_EXIT = 130
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader left
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    AccuracyGateError.exit_code: "a check failed: the accuracy gate (`report --check`) or the Q/DQ linter "
+                                 "(`sq2trt lint`)",
+    Sq2trtError.exit_code: "bad input: unknown model or path, unsupported architecture, invalid option or recipe, "
+                           "unusable data, corrupt ONNX, unwritable output (the message says what to do)",
+    BackendUnavailableError.exit_code: "an optional backend is missing (TensorRT, onnxruntime-gpu, a GPU), or a "
+                                       "`.plan` was built for another TensorRT version or GPU",
+    ExportMismatchError.exit_code: "export mismatch: the Q/DQ graph does not compute its quantization plan "
+                                   "(a bug in sq2trt; please report it)",
+    ResourceBudgetError.exit_code: "does not fit this machine: the estimated RAM, GPU memory or disk exceeds "
+                                   "what is available (`sq2trt plan-resources` prints the numbers)",
+    INTERNAL_ERROR_EXIT: "unexpected internal error (a bug): the traceback is written to a crash log; "
+                         "please report it",
+    INTERRUPTED_EXIT: "interrupted (Ctrl-C); finished artifacts are kept",
+    BROKEN_PIPE_EXIT: "the output's reader closed the pipe (`sq2trt ... | head`); finished artifacts are kept",
+}
