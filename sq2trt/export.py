@@ -117,6 +117,15 @@ def inline_bytes(model: onnx.ModelProto) -> int:
     return sum(inline_bytes_of(t) for t in model.graph.initializer)
 
 
+def _copy_field(dst, field, value) -> None:
+    if field.is_repeated:
+        getattr(dst, field.name).extend(value)
+    elif field.type == field.TYPE_MESSAGE:
+        getattr(dst, field.name).CopyFrom(value)
+    else:
+        setattr(dst, field.name, value)
+
+
 def inline_bytes_of(t: onnx.TensorProto) -> int:
     if t.data_location == onnx.TensorProto.EXTERNAL:
         return 0
@@ -129,14 +138,13 @@ def skeleton(model: onnx.ModelProto, keep_bytes: int = 64 * 1024) -> onnx.ModelP
     ``keep_bytes``, such as shapes and axes, keep their values): enough for shape and type inference
     of a graph of any size, and small enough to serialize."""
     out = onnx.ModelProto()
-    graph = model.graph
-    inits = list(graph.initializer)
-    del graph.initializer[:]
-    try:
-        out.CopyFrom(model)
-    finally:
-        graph.initializer.extend(inits)
-    for t in graph.initializer:
+    for field, value in model.ListFields():  # field by field: a tensor over 2 GB cannot even be copied
+        if field.name != "graph":
+            _copy_field(out, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(out.graph, field, value)
+    for t in model.graph.initializer:
         small = onnx.TensorProto()
         if not t.external_data and inline_bytes_of(t) <= keep_bytes:
             small.CopyFrom(t)

@@ -165,8 +165,14 @@ def _position_nodes(nodes: list[onnx.NodeProto], producer: dict[str, int], types
     return out
 
 
-def fp16_from_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Fp16Summary]:
-    """Return an FP16 copy of ``model`` (see the module docstring) and what was done."""
+def fp16_from_onnx(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None
+                   ) -> tuple[onnx.ModelProto, Fp16Summary]:
+    """Return an FP16 copy of ``model`` (see the module docstring) and what was done. ``model`` may be
+    graph-only with its tensors in ``base_dir``: each converted constant is read from there one at a
+    time, and the untouched ones stay references (save with ``save_onnx(..., base_dir=base_dir)``)."""
+    def to_array(t: TensorProto) -> np.ndarray:
+        return numpy_helper.to_array(t, base_dir=str(base_dir or ""))
+
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -228,7 +234,7 @@ def fp16_from_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Fp16Summary
     def const_fp16(name: str) -> str:
         if name in fp16_const:
             return fp16_const[name]
-        arr, clamped = to_fp16_clamped(numpy_helper.to_array(inits[name]))
+        arr, clamped = to_fp16_clamped(to_array(inits[name]))
         if clamped:
             summary.clamped_constants.append(name)
         new_name = name if consumers_type.get(name) == {F16} and name not in {o.name for o in g.output} \
@@ -246,13 +252,13 @@ def fp16_from_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Fp16Summary
             raise OnnxInputError(f"{node.name}: Q/DQ scale {sname} is not a constant; TensorRT needs constant scales")
         if sname in fp16_const:
             continue
-        scale = numpy_helper.to_array(inits[sname]).astype(np.float32)
+        scale = to_array(inits[sname]).astype(np.float32)
         s16, raised = fp16_scale(scale)
         weight = node.op_type == "DequantizeLinear" and node.input[0] in inits
         if raised:
             summary.raised_scales.append(sname)
             if weight:
-                q = numpy_helper.to_array(inits[node.input[0]])
+                q = to_array(inits[node.input[0]])
                 axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
                 shape = [1] * q.ndim
                 if scale.ndim == 1 and q.ndim > 0:
@@ -358,19 +364,17 @@ def _set_meta(model: onnx.ModelProto, meta: dict[str, str]) -> None:
 def write_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> Fp16Summary:
     """Read ``src`` (FP32 ONNX, Q/DQ or not), write its FP16 form to ``dst`` atomically, and check
     the result with ONNX's full checker (strict type inference: a Cast missing anywhere fails)."""
-    from .export import TWO_GB, inline_bytes, load_onnx, save_onnx
+    from .export import load_onnx, save_onnx
 
-    proto, summary = fp16_from_onnx(load_onnx(src))
-    small = inline_bytes(proto) < TWO_GB - 64 * 1024**2
-    if small:
-        check(proto)
-    save_onnx(proto, dst)
-    if not small:  # the checker reads external data from the saved path
-        try:
-            check(str(dst))
-        except OnnxInputError:
-            Path(dst).unlink(missing_ok=True)
-            raise
+    src = Path(src)
+    proto, summary = fp16_from_onnx(load_onnx(src, load_external_data=False), base_dir=src.parent)
+    save_onnx(proto, dst, base_dir=src.parent)
+    try:  # by path: the checker reads external data itself, whatever the model's size
+        check(str(dst))
+    except OnnxInputError:
+        Path(dst).unlink(missing_ok=True)
+        Path(f"{dst}.data").unlink(missing_ok=True)
+        raise
     log.info("wrote %s: %d FP16 / %d FP32 nodes, %d Casts", Path(dst).name, summary.fp16_nodes,
              summary.fp32_nodes, summary.casts_inserted)
     return summary
