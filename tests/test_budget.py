@@ -48,10 +48,18 @@ def test_every_row_has_a_shipped_recipe_of_its_family():
         assert yaml.safe_load(path.read_text())["family"] == family
 
 
+def _config_dir(tmp_path: Path, tiny: str) -> Path:
+    """A model directory holding only the config.json of a tiny config (no weights: nothing loads them)."""
+    d = tmp_path / f"checkpoint-{tiny}"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(TINY_CONFIGS[tiny]))
+    return d
+
+
 @pytest.mark.parametrize("tiny", sorted(TINY_CONFIGS))
-def test_random_models_get_their_family_recipe(tiny, caplog, no_weights):
+def test_each_architecture_gets_its_family_recipe(tiny, tmp_path, caplog, no_weights):
     caplog.set_level(logging.INFO, logger="sq2trt")
-    args = build_parser().parse_args(["calibrate", "--model", f"random:{tiny}"])
+    args = build_parser().parse_args(["calibrate", "--model", str(_config_dir(tmp_path, tiny))])
     got = resolve_recipe(args)
     arch = TINY_CONFIGS[tiny]["architectures"][0]
     if tiny == "falcon-new":  # the falcon recipe is for the 7B layout: the table's own alpha applies
@@ -62,17 +70,26 @@ def test_random_models_get_their_family_recipe(tiny, caplog, no_weights):
     assert f"because the model's config declares {arch}" in caplog.text
 
 
+def test_random_test_models_keep_the_defaults(no_weights):
+    parse = build_parser().parse_args
+    assert resolve_recipe(parse(["run", "--model", "random:llama"])) is None
+    assert resolved_config(parse(["run", "--model", "random:llama"])) == Config(model="random:llama")
+    named = resolved_config(parse(["run", "--model", "random:llama", "--recipe", str(RECIPE_DIR / "opt.yaml")]))
+    assert named.quant.alpha == 0.5
+
+
 def test_auto_explicit_and_none(tmp_path, no_weights):
     parse = build_parser().parse_args
-    auto = resolved_config(parse(["run", "--model", "random:llama"]))
+    model = str(_config_dir(tmp_path, "llama"))
+    auto = resolved_config(parse(["run", "--model", model]))
     llama = load_recipe(RECIPE_DIR / "llama.yaml")
     assert auto.quant.weight_granularity == llama["quant"]["weight_granularity"] == "per-channel"
     assert auto.quant.smooth_folds == tuple(llama["quant"]["smooth_folds"])
-    none = resolved_config(parse(["run", "--model", "random:llama", "--recipe", "none"]))
-    assert none == Config(model="random:llama")
-    explicit = resolved_config(parse(["run", "--model", "random:llama", "--recipe", str(RECIPE_DIR / "opt.yaml")]))
+    none = resolved_config(parse(["run", "--model", model, "--recipe", "none"]))
+    assert none == Config(model=model)
+    explicit = resolved_config(parse(["run", "--model", model, "--recipe", str(RECIPE_DIR / "opt.yaml")]))
     assert explicit.quant.alpha == 0.5
-    flags = resolved_config(parse(["run", "--model", "random:llama", "--weight-granularity", "per-tensor"]))
+    flags = resolved_config(parse(["run", "--model", model, "--weight-granularity", "per-tensor"]))
     assert flags.quant.weight_granularity == "per-tensor" and flags.quant.alpha == 0.85  # flags beat the recipe
 
 
