@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from conftest import data_file
 
 TWO_GIB = 2 * 1024**3
+DISK_NEEDED = 24 * 1024**3  # base 4.5 + reference 4.5 + Q/DQ 4.5 + ORT engine 4.5 + FP16 2.3 GB, and headroom
 HUGE_VOCAB = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 512,
               "intermediate_size": 1024, "num_hidden_layers": 1, "num_attention_heads": 8,
               "num_key_value_heads": 4, "vocab_size": 1_100_000, "max_position_embeddings": 512,
@@ -29,8 +31,23 @@ def _onnx_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
+@pytest.fixture
+def scratch(tmp_path):
+    """tmp_path, checked for room first and emptied afterwards, pass or fail: ~20 GB must not stay behind
+    (pytest keeps earlier runs' temporary directories, and later tests need the disk)."""
+    free = shutil.disk_usage(tmp_path).free
+    if free < DISK_NEEDED:
+        pytest.fail(f"this test writes ~20 GB of ONNX files; {free / 1024**3:.1f} GiB free under {tmp_path} "
+                    f"(needs {DISK_NEEDED / 1024**3:.0f} GiB): free disk space or point --basetemp elsewhere")
+    try:
+        yield tmp_path
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_every_onnx_file_over_2gb_builds_compares_diagnoses_and_lints(tmp_path):
+def test_every_onnx_file_over_2gb_builds_compares_diagnoses_and_lints(scratch):
+    tmp_path = scratch
     from sq2trt.compare import compare_logits
     from sq2trt.config import Config
     from sq2trt.lint import lint_model
