@@ -28,13 +28,6 @@ class LazyModule(types.ModuleType):
                 ) from exc
         return self._lazy_mod
 
-    def available(self) -> bool:
-        try:
-            self._load()
-            return True
-        except BackendUnavailableError:
-            return False
-
     def __getattr__(self, attr: str) -> Any:
         if attr.startswith("_lazy"):
             raise AttributeError(attr)

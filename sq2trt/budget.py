@@ -13,8 +13,8 @@ them in one place. Each says where it comes from:
 
 - ``RAM_PER_FP32_WEIGHT_BYTE`` = 3.6: peak host RSS over the FP32 weight bytes, measured on a random
   OPT-1.3B (1.316 B parameters, 4.9 GiB in FP32) at 18.6 GiB: the model is loaded in FP32, copied
-  for smoothing and fake quantization, and the exporter holds its own copy (DESIGN.md, "Scale:
-  measured"). 3.6 x 4.9 GiB + ``RAM_BASE_BYTES`` = 18.6 GiB. That run died in the export (protobuf's
+  for smoothing and fake quantization, and the exporter holds its own copy (docs/scale.md).
+  3.6 x 4.9 GiB + ``RAM_BASE_BYTES`` = 18.6 GiB. That run died in the export (protobuf's
   2 GB limit), so the whole flow's peak may be higher. It is not a good model of small models:
   SmolLM2-135M's whole flow peaked at 9.5 GB (README), where this gives 2.9 GiB, and that 2-layer
   OPT-125m-shaped checkpoint (54 M parameters) peaked at 4.2 GiB through ``run --levels fp,O3``,

@@ -12,7 +12,6 @@ import torch
 
 from .artifacts import crash_point
 from .errors import NonFiniteActivationError
-from .numerics import percentile_absmax
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +25,6 @@ def per_channel_absmax(x: torch.Tensor) -> torch.Tensor:
 
 def per_tensor_absmax(x: torch.Tensor) -> torch.Tensor:
     return x.detach().abs().amax().float()  # ()
-
-
-def per_tensor_percentile(pct: float) -> Reducer:
-    return lambda x: percentile_absmax(x, pct)
 
 
 @contextmanager

@@ -77,9 +77,29 @@ def tokenize(text: str, tokenizer: Any) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def calibration_windows(ids: torch.Tensor, num: int, seq_len: int, seed: int) -> torch.Tensor:
+def bos_prefix(tokenizer: Any) -> int | None:
+    """The token the tokenizer puts in front of every text it encodes with its defaults (Llama-2's and
+    OPT's BOS), or None when it adds none (GPT-2, SmolLM2, Qwen2): models trained that way see it at
+    position 0 of every sequence, and its activations there (an attention sink) differ from any text
+    token's."""
+    probe = "The quick brown fox"
+    try:
+        plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+        default = list(tokenizer(probe)["input_ids"])
+    except TypeError:  # a tokenizer without special tokens
+        return None
+    if len(default) == len(plain) + 1 and default[1:] == plain:
+        return int(default[0])
+    return None
+
+
+def calibration_windows(ids: torch.Tensor, num: int, seq_len: int, seed: int,
+                        bos: int | None = None) -> torch.Tensor:
     """``num`` windows of ``seq_len`` tokens at random offsets (fixed seed): (num, seq_len).
 
+    With ``bos`` (:func:`bos_prefix`), each window is ``bos`` followed by ``seq_len - 1`` text tokens,
+    as the model sees every sequence (the reference SmoothQuant calibration tokenizes each sample with
+    the tokenizer's defaults); each window still lies within ``[start, start + seq_len)`` of the text.
     Raises when the text has fewer than ``seq_len`` tokens. Windows may overlap when the text is
     shorter than ``num * seq_len`` (a warning is logged).
     """
@@ -89,7 +109,11 @@ def calibration_windows(ids: torch.Tensor, num: int, seq_len: int, seed: int) ->
                                    f"{seq_len}; give more text or a smaller --calib-seq-len")
     if n < num * seq_len:
         log.warning("calibration text has %d tokens < %d x %d: windows will overlap", n, num, seq_len)
-    return torch.stack([ids[s: s + seq_len] for s in calibration_starts(n, num, seq_len, seed)])
+    starts = calibration_starts(n, num, seq_len, seed)
+    if bos is None:
+        return torch.stack([ids[s: s + seq_len] for s in starts])
+    head = torch.tensor([bos], dtype=ids.dtype)
+    return torch.stack([torch.cat([head, ids[s: s + seq_len - 1]]) for s in starts])
 
 
 def calibration_starts(n_tokens: int, num: int, seq_len: int, seed: int) -> list[int]:

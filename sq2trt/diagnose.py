@@ -192,10 +192,3 @@ def render_markdown(d: dict[str, Any], top: int = 5) -> str:
         lines.append(f"| `{m}` | {g['input_rel']:.3g} | {q} | {g['output_rel']:.3g} | {g['added']:+.3g} |")
     lines += ["", "Proposed fp_fallback: " + (", ".join(f"`{m}`" for m in d["proposed_fp_fallback"]) or "none")]
     return "\n".join(lines)
-
-
-def save(d: dict[str, Any], path: str | os.PathLike) -> Path:
-    from .artifacts import write_json
-
-    write_json(path, d)
-    return Path(path)

@@ -38,7 +38,7 @@ def evaluate_pipeline(pipe, resolved: Resolved, *, batch_tokens: int = 4096) -> 
     from .engine import session
     from .errors import ExportMismatchError
     from .evaluate import ENGINE_PPL_RTOL, ort_logits_fn, perplexity, relative_gap, torch_logits_fn
-    from .fakequant import fake_quantized
+    from .fakequant import batch_invariant, fake_quantized
     from .tasks import score_examples
 
     seconds: dict[str, float] = {}
@@ -87,15 +87,22 @@ def evaluate_pipeline(pipe, resolved: Resolved, *, batch_tokens: int = 4096) -> 
                     "fused INT8 kernels deviate from Q/DQ semantics more than usual on this model",
                     p["engine"], want, engine_gap, ENGINE_PPL_RTOL)
 
+    # a run-time per-tensor scale mixes the rows of a batch (padding included): such engines score one
+    # request per call, so a choice's log-likelihood never depends on what it was packed with
+    task_batch_tokens = batch_tokens if batch_invariant(plan) else 1
+    if task_batch_tokens != batch_tokens:
+        log.info("%s has run-time per-tensor scales: tasks are scored one request at a time",
+                 pipe.config.quant.level)
     tasks: dict[str, Any] = {}
     for name, path, examples in resolved:
         entry: dict[str, Any] = {"file": str(path), "n": len(examples)}
-        runs = [("torch_fp", torch_logits_fn(model)), ("engine", ort_logits_fn(session(engine, device=pipe.device)))]
-        for which, fn in runs:
+        runs = [("torch_fp", torch_logits_fn(model), batch_tokens),
+                ("engine", ort_logits_fn(session(engine, device=pipe.device)), task_batch_tokens)]
+        for which, fn, bt in runs:
             bar = pipe._progress(f"{name} ({which})", sum(len(e.choices) for e in examples))
             t = time.perf_counter()
             try:
-                res, _ = score_examples(name, examples, fn, pipe.loaded.tokenizer, batch_tokens=batch_tokens,
+                res, _ = score_examples(name, examples, fn, pipe.loaded.tokenizer, batch_tokens=bt,
                                         progress=bar.update)
             finally:
                 bar.close()

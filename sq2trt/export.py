@@ -2,7 +2,7 @@
 
 The reference comes from ``torch.onnx.export(dynamo=True)`` with dynamic batch and sequence axes.
 Every GEMM node carries its module path in ``namespace`` metadata, which is how a plan entry
-(``model.layers.3.mlp.down_proj``) finds its node. Q/DQ follow TensorRT's rules (DESIGN.md):
+(``model.layers.3.mlp.down_proj``) finds its node. Q/DQ follow TensorRT's rules (docs/tensorrt.md):
 constant scales > 0, zero point 0, activations per-tensor on GEMM inputs only, weights as INT8
 initializers -> DequantizeLinear -> MatMul/Gemm.
 """

@@ -52,6 +52,17 @@ def quantize_input(x: torch.Tensor, q: GemmQuant) -> torch.Tensor:
     return x
 
 
+def batch_invariant(plan: dict[str, GemmQuant]) -> bool:
+    """Whether a sequence's logits under ``plan`` are the same alone as inside a padded batch.
+
+    False when any GEMM input has a per-tensor run-time scale: that scale is max|x| over the whole
+    (batch, tokens, channels) input, in the exported graph (``ReduceMax`` over every axis, which ONNX
+    Runtime fuses into its integer kernels like a static scale) and here alike, so the other rows of a
+    batch and right-padding (``sq2trt.tasks`` pads with id 0) move every row's scale. Such plans must be
+    scored one sequence at a time, without padding. Per-token and static scales do not mix rows."""
+    return not any(q.act_dynamic == "per-tensor" for q in plan.values())
+
+
 @contextmanager
 @torch.no_grad()
 def fake_quantized(model: torch.nn.Module, plan: dict[str, GemmQuant]) -> Iterator[torch.nn.Module]:

@@ -93,26 +93,35 @@ def _nll_ppl(model: torch.nn.Module, windows: torch.Tensor) -> float:
 
 @torch.no_grad()
 def local_errors(model: torch.nn.Module, plan: Mapping[str, GemmQuant], windows: torch.Tensor) -> dict[str, float]:
-    """Relative output error ||y_q - y||^2 / ||y||^2 of every planned GEMM on its FP input (one pass)."""
-    from .numerics import fake_quant, int8_scale, weight_scale
+    """Relative output error ||y_q - y||^2 / ||y||^2 of every planned GEMM on its FP input (one pass).
+
+    ``y_q`` is the module's own forward on its quantized input with its weights quantized exactly as
+    :func:`sq2trt.fakequant.fake_quantized` quantizes them (any layout: ``Linear``, GPT-2 ``Conv1D``,
+    fused experts; any granularity: per-tensor, per-channel, group-wise, INT4; static or dynamic
+    activations)."""
+    from .fakequant import module_weights, quantize_input, quantized_weight
 
     err: dict[str, list[float]] = {n: [0.0, 0.0] for n in plan}
     handles = []
 
-    def hook(mod, args, out, name):
+    def hook(mod, args, kwargs, out, name):
         q = plan[name]
-        x = args[0]
-        w = mod.weight
-        ws = weight_scale(w, q.weight_per_channel)
-        wq = fake_quant(w, ws.view(-1, 1) if ws.ndim else ws)
-        xq = fake_quant(x, int8_scale(q.act_amax)) if q.act_amax is not None else x
-        yq = torch.nn.functional.linear(xq, wq, mod.bias)
-        err[name][0] += float(((yq - out) ** 2).sum())
-        err[name][1] += float((out ** 2).sum())
+        params = module_weights(mod)
+        saved = {k: p.data for k, p in params.items()}
+        try:
+            for k, p in params.items():
+                p.data = quantized_weight(saved[k], q)  # one layer's copy at a time, not the model's
+            yq = mod.forward(quantize_input(args[0], q), *args[1:], **kwargs)  # forward(): no hooks again
+        finally:
+            for k, p in params.items():
+                p.data = saved[k]
+        y, yq = (out[0], yq[0]) if isinstance(out, tuple) else (out, yq)
+        err[name][0] += float(((yq.float() - y.float()) ** 2).sum())
+        err[name][1] += float((y.float() ** 2).sum())
 
     for n in plan:
         handles.append(model.get_submodule(n).register_forward_hook(
-            lambda m, a, o, _n=n: hook(m, a, o, _n)))
+            lambda m, a, k, o, _n=n: hook(m, a, k, o, _n), with_kwargs=True))
     try:
         for w in windows:
             model(input_ids=w[None], use_cache=False)

@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0 ** -14  # 6.1e-5: below it FP16 loses relative precision (subnormals)
-FP16_MIN_SUBNORMAL = 2.0 ** -24
 
 #: Ops kept in FP32 (see the module docstring for why each).
 FP32_OPS = frozenset({"Pow", "ReduceMean", "ReduceSumSquare", "Sqrt", "Reciprocal", "Softmax", "LogSoftmax",
@@ -113,6 +112,34 @@ def requantize_int8(q: np.ndarray, scale: np.ndarray, new_scale: np.ndarray) -> 
     clamp(round_half_even(q * scale / new_scale), -128, 127). Scales broadcast against ``q``."""
     x = q.astype(np.float64) * np.asarray(scale, np.float64)
     return np.clip(np.rint(x / np.asarray(new_scale, np.float64)), -128, 127).astype(np.int8)
+
+
+_INT_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "uint4": (0, 15)}
+
+
+def _per_element(scale: np.ndarray, shape: tuple[int, ...], axis: int, block_size: int) -> np.ndarray:
+    """A DequantizeLinear scale or zero point broadcast against its integer input of ``shape``: per
+    tensor (0-D), per axis (1-D along ``axis``) or blocked (same rank, ``block_size`` along ``axis``)."""
+    s = np.asarray(scale)
+    if s.ndim == 0:
+        return s
+    axis %= len(shape)
+    if block_size:
+        return np.repeat(s, block_size, axis=axis).take(np.arange(shape[axis]), axis=axis)
+    return s.reshape([-1 if d == axis else 1 for d in range(len(shape))])
+
+
+def requantize_weight(q: np.ndarray, scale: np.ndarray, new_scale: np.ndarray, *, axis: int = 1,
+                      block_size: int = 0, zero_point: np.ndarray | None = None) -> np.ndarray:
+    """The integer input ``q`` of a weight DequantizeLinear (``(q - zero_point) * scale``; scale per
+    tensor, per axis or per block, as the node's ``axis`` / ``block_size`` say) re-quantized to
+    ``new_scale`` (``scale``'s shape) with the same zero point, TensorRT's way (round half to even),
+    clamped to ``q``'s own type: INT8, UINT8, INT4 or UINT4 (returned in that type)."""
+    lo, hi = _INT_RANGES[np.dtype(q.dtype).name]
+    zp = 0.0 if zero_point is None else _per_element(zero_point, q.shape, axis, block_size).astype(np.float64)
+    x = (q.astype(np.float64) - zp) * _per_element(scale, q.shape, axis, block_size).astype(np.float64)
+    new = _per_element(new_scale, q.shape, axis, block_size).astype(np.float64)
+    return np.clip(np.rint(x / new) + zp, lo, hi).astype(q.dtype)
 
 
 # --------------------------------------------------------------------------- the transform
@@ -259,12 +286,11 @@ def fp16_from_onnx(model: onnx.ModelProto, base_dir: str | os.PathLike | None = 
             summary.raised_scales.append(sname)
             if weight:
                 q = to_array(inits[node.input[0]])
-                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-                shape = [1] * q.ndim
-                if scale.ndim == 1 and q.ndim > 0:
-                    shape[axis % q.ndim] = -1
-                q2 = requantize_int8(q, scale.reshape(shape if scale.ndim else ()),
-                                     s16.astype(np.float32).reshape(shape if scale.ndim else ()))
+                attrs = {a.name: a.i for a in node.attribute}
+                zp = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+                q2 = requantize_weight(q, scale, s16.astype(np.float32), axis=attrs.get("axis", 1),
+                                       block_size=attrs.get("block_size", 0),
+                                       zero_point=None if zp is None else to_array(inits[zp]))
                 replaced_weights[node.input[0]] = numpy_helper.from_array(q2, node.input[0])
                 summary.requantized_weights.append(node.input[0])
         new_name = sname if consumers_type.get(sname) == {F16} else f"{sname}__fp16"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 QMIN, QMAX = -128, 127
-EPS = 1e-5  # clamp for max|X_j|, max|W_j| and s (DESIGN.md, reference repo)
+EPS = 1e-5  # clamp for max|X_j|, max|W_j| and s (the paper's reference implementation)
 MIN_SCALE = 1e-8  # a tensor that is all zeros still gets a positive, finite scale
 
 
@@ -45,15 +45,6 @@ def weight_scale(w_out_in: torch.Tensor, per_channel: bool) -> torch.Tensor:
     if per_channel:
         return int8_scale(w_out_in.abs().amax(dim=1))  # (out,)
     return int8_scale(w_out_in.abs().amax())  # ()
-
-
-def percentile_absmax(x: torch.Tensor, pct: float, max_elems: int = 1 << 22) -> torch.Tensor:
-    """pct-th percentile of |x| (a clipping threshold below max|x|). Large tensors are strided
-    down to at most ``max_elems`` elements first (torch.quantile's size limit)."""
-    flat = x.detach().abs().flatten().float()
-    if flat.numel() > max_elems:
-        flat = flat[:: (flat.numel() + max_elems - 1) // max_elems]
-    return torch.quantile(flat, pct / 100.0)
 
 
 # --------------------------------------------------------------------------- granularity-driven

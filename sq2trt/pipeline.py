@@ -301,11 +301,12 @@ class Pipeline:
         return arch_name(self.loaded.model)
 
     def _windows(self, which: str) -> torch.Tensor:
-        from .data import calibration_windows, eval_windows
+        from .data import bos_prefix, calibration_windows, eval_windows
 
         if which == "calib":
             c = self.config.calib
-            return calibration_windows(self._token_ids(c.data), c.num_samples, c.seq_len, c.seed)
+            return calibration_windows(self._token_ids(c.data), c.num_samples, c.seq_len, c.seed,
+                                       bos=bos_prefix(self.loaded.tokenizer))
         e = self.config.eval
         ids = self._token_ids(e.data)
         if which == "eval":

@@ -4,7 +4,7 @@ floating-point model's output on the calibration set.
 SmoothQuant+ (Pan et al., 2023) searches alpha over [0, 1] in steps of 0.05 minimising the loss of
 the WHOLE model's output (not layer by layer, which is what AWQ does). The loss here is the mean
 token KL divergence KL(p_fp || p_quant) of the final next-token distributions over the calibration
-windows; ``loss="mse"`` uses the mean squared logit error instead. Each candidate smooths a copy of
+windows. Each candidate smooths a copy of
 the affected parameters in place, fake-quantizes the weights under the level's plan, scores, and
 restores the model exactly (saved tensors are copied back, not divided out).
 """
@@ -26,13 +26,12 @@ from .smooth import DEFAULT_FOLDS, apply_scales, group_scales
 log = logging.getLogger(__name__)
 
 GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0.00, 0.05, ..., 1.00
-LOSSES = ("kl", "mse")
 
 
 @dataclass(frozen=True)
 class SearchResult:
     alpha: float
-    loss: str
+    loss: str  # "kl" (recorded in alpha_search.json)
     losses: dict[float, float] = field(default_factory=dict)  # alpha -> loss
     seconds: float = 0.0
     tokens: int = 0
@@ -43,10 +42,8 @@ class SearchResult:
         return d
 
 
-def output_loss(ref_logits: torch.Tensor, logits: torch.Tensor, loss: str) -> torch.Tensor:
-    """Sum over tokens of KL(p_ref || p) or of the mean squared logit error; (B, T, V) -> ()."""
-    if loss == "mse":
-        return (logits.float() - ref_logits.float()).pow(2).mean(dim=-1).sum()
+def output_loss(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of KL(p_ref || p); (B, T, V) -> ()."""
     ref_lp = torch.log_softmax(ref_logits.float(), dim=-1)
     lp = torch.log_softmax(logits.float(), dim=-1)
     return (ref_lp.exp() * (ref_lp - lp)).sum()
@@ -72,15 +69,13 @@ def _smoothing_params(model: torch.nn.Module, arch: Arch, plan: dict[str, GemmQu
 @torch.no_grad()
 def search_alpha(model: torch.nn.Module, arch: Arch, act_stats: dict[str, torch.Tensor],
                  plan: dict[str, GemmQuant], windows: torch.Tensor, *, grid: tuple[float, ...] = GRID,
-                 loss: str = "kl", batch_size: int = 4, progress: Callable[[int], None] | None = None,
+                 batch_size: int = 4, progress: Callable[[int], None] | None = None,
                  folds: tuple[str, ...] = DEFAULT_FOLDS,
                  alpha_by_kind: Mapping[str, float] | None = None) -> SearchResult:
     """Return the alpha in ``grid`` minimising the model-output loss of ``plan``'s fake quantization on
     ``windows`` (n, T). Each candidate smooths exactly as the level will: the groups of ``folds``
     (``quant.smooth_folds``), with ``alpha_by_kind`` overriding the candidate for its kinds. The model
     is left exactly as it was (unsmoothed if it came in unsmoothed)."""
-    if loss not in LOSSES:
-        raise ConfigError(f"search loss must be one of {LOSSES}, got {loss!r}")
     if not grid or any(not 0.0 <= a <= 1.0 for a in grid):
         raise ConfigError(f"alpha grid must be non-empty values in [0, 1], got {grid}")
     t0 = time.perf_counter()
@@ -96,15 +91,15 @@ def search_alpha(model: torch.nn.Module, arch: Arch, act_stats: dict[str, torch.
             total = 0.0
             with fake_quantized(model, plan):
                 for b, r in zip(batches, ref):
-                    total += float(output_loss(r, model(input_ids=b, use_cache=False).logits, loss))
+                    total += float(output_loss(r, model(input_ids=b, use_cache=False).logits))
             losses[alpha] = total / windows.numel()  # per token
             for p, s in zip(params, saved):
                 p.copy_(s)
-            log.info("alpha %.2f: %s %.6g", alpha, loss, losses[alpha])
+            log.info("alpha %.2f: KL %.6g", alpha, losses[alpha])
             if progress is not None:
                 progress(1)
     finally:
         for p, s in zip(params, saved):
             p.copy_(s)
     best = min(losses, key=lambda a: (losses[a], a))
-    return SearchResult(best, loss, losses, round(time.perf_counter() - t0, 2), int(windows.numel()))
+    return SearchResult(best, "kl", losses, round(time.perf_counter() - t0, 2), int(windows.numel()))

@@ -63,7 +63,7 @@ def test_qdq_graph_equals_fake_quant_and_obeys_tensorrt_rules(exported, granular
         want = torch_logits_fn(model)(ids)
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
 
-    # TensorRT's Q/DQ requirements (DESIGN.md), checked directly ...
+    # TensorRT's Q/DQ requirements (docs/tensorrt.md), checked directly ...
     inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
     qdq = [n for n in q.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     assert qdq

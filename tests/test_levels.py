@@ -73,22 +73,85 @@ def test_recipe_round_trips(path, tmp_path):
     assert out.read_text() == path.read_text()
 
 
-def test_plan_follows_the_granularities():
-    names = ["a", "b"]
-    amax = {"a": 2.0, "b": 3.0}
-    want = {  # level: (per_channel, group, bits, symmetric, static amax?, dynamic)
-        "W8A8": (False, 0, 8, True, True, None), "O3": (False, 0, 8, True, True, None),
-        "W8A8-dyn": (False, 0, 8, True, False, "per-tensor"), "O2": (False, 0, 8, True, False, "per-tensor"),
-        "O1": (False, 0, 8, True, False, "per-token"), "ZeroQuant": (False, 128, 8, True, False, "per-token"),
-        "W4-RTN": (False, 128, 4, True, False, None), "W4A16": (False, 128, 4, True, False, None),
-        "W4A16-asym": (False, 128, 4, False, False, None),
-    }
-    for level, (pc, grp, bits, sym, static, dyn) in want.items():
-        q = make_plan(names, QuantConfig(level=level), amax)["a"]
-        assert (q.weight_per_channel, q.weight_group, q.weight_bits, q.weight_symmetric,
-                q.act_amax is not None, q.act_dynamic) == (pc, grp, bits, sym, static, dyn), level
-    assert make_plan(names, QuantConfig(level="O1", weight_granularity="per-channel"), {})["b"].weight_per_channel
-    assert make_plan(names, QuantConfig(level="fp"), {}) == {}
+def _one_gemm(level: str, w: torch.Tensor):
+    """A model holding one Linear ``lin`` with weight ``w`` and that level's plan (static amax 4.0)."""
+    from collections import OrderedDict
+
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return torch.nn.Sequential(OrderedDict(lin=lin)), make_plan(["lin"], QuantConfig(level=level), {"lin": 4.0})
+
+
+def _on_grid(v: torch.Tensor, step: torch.Tensor) -> bool:
+    r = v / step
+    return bool(torch.allclose(r, torch.round(r), atol=1e-3))
+
+
+def _observed_weights(level: str) -> str:
+    """What fake quantization does to a (6, 256) weight whose rows and 128-blocks differ in scale,
+    described in the support matrix's words (bits, the unit sharing one grid, symmetric or not)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 256, generator=g) * torch.tensor([1.0, 3.0, 10.0, 0.3, 2.0, 5.0])[:, None]
+    w[:, 128:] *= 4.0
+    model, plan = _one_gemm(level, w)
+    with fake_quantized(model, plan):
+        wq = model.lin.weight.detach().clone()
+    if torch.equal(wq, w):
+        return "float"
+    blocks = [wq[r, b: b + 128] for r in range(6) for b in (0, 128)]
+    bits = 4 if max(len(torch.unique(b)) for b in blocks) <= 16 else 8
+    qmax = (1 << (bits - 1)) - 1
+    for unit, parts in (("per-tensor", [wq]), ("per-channel", list(wq)), ("per-group(128)", blocks)):
+        if all(_on_grid(p, p.abs().max() / qmax) for p in parts):
+            return f"INT{bits} {unit}"
+    if all(_on_grid(b - b.min(), (b.max() - b.min()) / (2 * qmax + 1)) for b in blocks):
+        return f"INT{bits} per-group(128) asymmetric"
+    return "unrecognised"
+
+
+def _observed_activations(level: str) -> str:
+    """What the GEMM sees of a (2, 5, 256) input whose tokens differ in scale (max|x| ~ 10 > the static 4.0)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 256, generator=g) * torch.linspace(0.5, 3.0, 10).view(2, 5, 1)
+    model, plan = _one_gemm(level, torch.randn(6, 256, generator=g))
+    seen = []
+    with fake_quantized(model, plan):  # registered after fake quantization's own pre-hook: sees its output
+        h = model.lin.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+        model(x)
+        h.remove()
+    (xq,) = seen
+    if torch.equal(xq, x):
+        return "float"
+    if _on_grid(xq, torch.tensor(4.0 / 127)) and xq.abs().max() <= 128 * 4.0 / 127 + 1e-6:
+        return "per-tensor static"  # the calibrated clip, whatever this input's range
+    if _on_grid(xq, x.abs().max() / 127):
+        return "per-tensor dynamic"
+    if all(_on_grid(t, t.abs().max() / 127) for t in xq.reshape(-1, 256)):
+        return "per-token dynamic"
+    return "unrecognised"
+
+
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_each_level_quantizes_as_its_table_row_says(level):
+    """Observed on one GEMM under fake quantization (which the export check ties to the ONNX graph), not
+    read from the plan: the weight grid (bits, per tensor / channel / 128-block, symmetric or not) and
+    the activation grid (float, the calibrated static clip, a run-time max per tensor or per token)
+    must be what the support matrix (README, docs/levels.md, `sq2trt levels`) states."""
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:4]]
+            for r in support_matrix_markdown().splitlines()[2:]}
+    assert [_observed_weights(level), _observed_activations(level)] == rows[level]
+
+
+def test_per_channel_option_upgrades_per_tensor_weights_only():
+    w = torch.randn(6, 256, generator=torch.Generator().manual_seed(0)) * torch.arange(1.0, 7.0)[:, None]
+    for level, want_per_channel in (("O1", True), ("W8A8", True), ("ZeroQuant", False), ("W4A16", False)):
+        model, _ = _one_gemm(level, w)
+        plan = make_plan(["lin"], QuantConfig(level=level, weight_granularity="per-channel"), {"lin": 4.0})
+        with fake_quantized(model, plan):
+            wq = model.lin.weight.detach().clone()
+        assert all(_on_grid(r, r.abs().max() / 127) for r in wq) == want_per_channel, level
+    assert make_plan(["lin"], QuantConfig(level="fp"), {}) == {}
 
 
 # --------------------------------------------------------------------------- a tiny Llama, exported once
@@ -271,6 +334,122 @@ def test_alpha_search_picks_the_minimum_and_restores_the_model(llama):
     assert res.alpha == min(res.losses, key=res.losses.get)
     assert max(res.losses.values()) > 1.1 * min(res.losses.values())  # alpha changes the loss
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# --------------------------------------------------------------------------- numerics every level relies on
+@pytest.mark.parametrize("family, level", [("gpt2", "O3"), ("gpt2", "ZeroQuant"), ("mixtral", "O1"),
+                                           ("llama", "W4-RTN"), ("llama", "W4A16-asym"), ("llama", "O2")])
+def test_fallback_local_error_is_each_gemms_own_fake_quantization_error(family, level):
+    """The fallback ranks GEMMs by their local error. It must be the error of the GEMM as the level
+    quantizes it: GPT-2's Conv1D weights are stored (in, out), Mixtral's experts are 3-D parameters,
+    group-wise and INT4 weights are not per-tensor INT8, and dynamic activations are quantized too."""
+    from sq2trt.fallback import local_errors
+
+    model = load_model(f"random:{family}").model
+    arch = get_arch(model)
+    names = quantized_linear_names(model, arch)
+    ids = _ids((1, 24), 5)
+    amax = {k: float(v) for k, v in collect(model, names, ids, per_tensor_absmax).items()}
+    plan = make_plan(names, QuantConfig(level=level), amax, layout=arch.layout.value)
+    got = local_errors(model, plan, ids)
+    calls = {}  # each GEMM's FP call in the FP model: (args, kwargs, output)
+
+    def keep(name, args, kwargs, out) -> None:  # returns None: a forward hook's value replaces the output
+        calls.setdefault(name, (args, kwargs, out))
+
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda _m, a, k, o, _n=n: keep(_n, a, k, o), with_kwargs=True) for n in names]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    for n in names:
+        args, kwargs, y = calls[n]
+        with fake_quantized(model, {n: plan[n]}), torch.no_grad():
+            yq = model.get_submodule(n)(*args, **kwargs)
+        want = float(((yq - y) ** 2).sum() / (y ** 2).sum())
+        assert want > 0 and got[n] == pytest.approx(want, rel=1e-4), n
+
+
+def test_fp16_requantizes_int4_block_weights_whose_scales_fall_below_fp16(llama):
+    """A 2-D block scale (W4, UINT4 with zero points) below FP16's normal range is raised, and its INT4
+    weights are re-quantized in their own type, range and zero point, each within half a new step."""
+    from onnx import numpy_helper
+
+    from sq2trt.fp16 import FP16_MIN_NORMAL, check, fp16_from_onnx
+
+    model, names, ref = llama
+    proto = insert_qdq(onnx.load(str(ref)), make_plan(names, QuantConfig(level="W4A16-asym"), {}), level="W4A16-asym")
+    inits = {t.name: t for t in proto.graph.initializer}
+    dq = next(n for n in proto.graph.node if n.name.endswith("/weight/DequantizeLinear"))
+    attrs = {a.name: a.i for a in dq.attribute}
+    q, s, zp = (numpy_helper.to_array(inits[x]) for x in dq.input)
+    assert s.ndim == 2 and attrs["block_size"] == 128
+    s = s.copy()
+    s[:, 0] = 3e-6  # the first block of every output channel: a subnormal FP16 scale
+    inits[dq.input[1]].CopyFrom(numpy_helper.from_array(s, dq.input[1]))
+
+    def dequant(qv, sv):
+        ax = attrs["axis"]
+        expand = lambda t: np.repeat(t, 128, axis=ax).take(np.arange(qv.shape[ax]), axis=ax)  # noqa: E731
+        return (qv.astype(np.float64) - expand(zp).astype(np.float64)) * expand(sv).astype(np.float64), expand(sv)
+
+    before, _ = dequant(q, s)
+    out, summary = fp16_from_onnx(proto)
+    check(out)
+    assert summary.requantized_weights == [dq.input[0]]
+    new = {t.name: t for t in out.graph.initializer}
+    new_dq = next(n for n in out.graph.node if n.name == dq.name)
+    assert new[new_dq.input[0]].data_type == onnx.TensorProto.UINT4
+    s16 = numpy_helper.to_array(new[new_dq.input[1]]).astype(np.float32)
+    assert (s16[:, 0] == FP16_MIN_NORMAL).all()
+    after, step = dequant(numpy_helper.to_array(new[new_dq.input[0]]), s16)
+    assert (np.abs(after - before) <= step / 2 + np.abs(before) * 2.0 ** -10).all()
+
+
+def _hf_tokenizer(with_bos: bool):
+    """A real Hugging Face fast tokenizer built offline; with_bos: it prefixes <s> like Llama-2's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate("the quick brown fox jumps".split())}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if with_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="<unk>")
+
+
+def test_calibration_windows_start_with_the_bos_the_tokenizer_adds():
+    from sq2trt.data import bos_prefix, calibration_windows
+    from sq2trt.models import ByteTokenizer
+
+    assert bos_prefix(_hf_tokenizer(with_bos=True)) == 0
+    assert bos_prefix(_hf_tokenizer(with_bos=False)) is None
+    assert bos_prefix(ByteTokenizer(512)) is None
+    ids = torch.arange(100, 400)
+    plain = calibration_windows(ids, 4, 16, seed=0)
+    first = calibration_windows(ids, 4, 16, seed=0, bos=0)
+    assert first.shape == (4, 16) and (first[:, 0] == 0).all()
+    assert torch.equal(first[:, 1:], plain[:, :15])  # same offsets, one text token fewer
+
+
+def test_pipeline_calibrates_with_the_models_bos(calib_text, eval_text, tmp_path):
+    from eval_helpers import tiny_config
+
+    from sq2trt.pipeline import Pipeline
+
+    pipe = Pipeline(tiny_config(calib_text, eval_text), tmp_path)
+    byte = pipe.loaded.tokenizer
+    assert not (pipe._windows("calib")[:, 0] == 1).all()
+
+    def with_bos(text, add_special_tokens=True, **_):
+        return {"input_ids": [1] * add_special_tokens + byte(text)["input_ids"]}
+
+    pipe.loaded.tokenizer = with_bos
+    pipe._tokens.clear()
+    windows = pipe._windows("calib")
+    assert (windows[:, 0] == 1).all() and not (windows[:, 1] == 1).all()
 
 
 # --------------------------------------------------------------------------- end to end

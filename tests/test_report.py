@@ -176,7 +176,13 @@ def test_pipeline_report_schema_and_html(calib_text, eval_text):
     assert len(_decode_pngs(html_text)) == 2
     for key in ("model", "level", "alpha", "calibration", "environment", "timings_s"):
         assert key in rep
-    assert check_report(rep, Thresholds(max_ppl_increase=0.05, max_acc_drop={"mini": 1.0}))
+    # the gate judges this report's own numbers (eval.json's, which the report carries): thresholds at
+    # the measured values pass (limits are inclusive), a hair tighter fail, naming each metric
+    drop, inc = rep["eval"]["tasks"]["mini"]["acc_drop"], rep["eval"]["ppl_increase"]
+    assert inc == ev["ppl_increase"] and drop == ev["tasks"]["mini"]["acc_drop"]
+    assert check_report(rep, Thresholds(max_ppl_increase=inc, max_acc_drop={"mini": drop}))
+    tight = check_report(rep, Thresholds(max_ppl_increase=inc - 1e-9, max_acc_drop={"mini": drop - 1e-9}))
+    assert [c.metric for c in tight.failures] == ["ppl_increase", "mini.acc_drop"]
 
 
 def test_stale_eval_is_left_out_of_the_report(calib_text, eval_text):
@@ -192,7 +198,13 @@ def test_stale_eval_is_left_out_of_the_report(calib_text, eval_text):
     try:
         rep2 = pipe.report()
         assert rep2["eval"] is None
-        assert not check_report(rep2, Thresholds(max_acc_drop={"mini": 1.0}))
+        # thresholds the fresh report meets (its own numbers) fail on the stale one, for the task metric
+        # it no longer has: the gate must not pass because eval.json was left out
+        th = Thresholds(max_acc_drop={"mini": ev["tasks"]["mini"]["acc_drop"]})
+        assert check_report(rep, th)
+        res = check_report(rep2, th)
+        assert [(c.metric, c.value) for c in res.failures] == [("mini.acc_drop", None)]
+        assert "missing from the report" in str(res)
     finally:
         write_json(path, saved)
         pipe.report()

@@ -28,7 +28,7 @@ def _loss(model, plan, windows, ref) -> float:
     total = 0.0
     with torch.no_grad(), fake_quantized(model, plan):
         for i, r in enumerate(ref):
-            total += float(output_loss(r, model(input_ids=windows[4 * i: 4 * i + 4], use_cache=False).logits, "kl"))
+            total += float(output_loss(r, model(input_ids=windows[4 * i: 4 * i + 4], use_cache=False).logits))
     return total / windows.numel()
 
 

@@ -28,7 +28,7 @@ from sq2trt.trt import (STRONGLY_TYPED, WEAKLY_TYPED, PlanMismatchError, TrtConf
                         check_plan_compatible, default_timing_cache, metadata_path, onnx_digest, plan_metadata,
                         read_plan_metadata)
 
-from conftest import DATA, tiny_args
+from conftest import data_file, tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -277,9 +277,7 @@ def test_fp16_transform_on_a_toy_graph():
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """random:llama and random:opt at O3 through the CLI: ref.onnx, O3.onnx, O3.fp16.onnx (linted)."""
-    calib, evalp = DATA / "wikitext2_tokenized/valid.txt", DATA / "wikitext2_raw_test/wiki.test.raw"
-    if not (calib.is_file() and evalp.is_file()):
-        pytest.skip(f"real data absent under {DATA}: set SQ2TRT_DATA")
+    calib, evalp = data_file("wikitext2_tokenized/valid.txt"), data_file("wikitext2_raw_test/wiki.test.raw")
     out = tmp_path_factory.mktemp("trt-exports")
     dirs = {}
     for arch in ("llama", "opt"):
