@@ -77,7 +77,7 @@ engine: setup $(if $(filter smollm2,$(MODEL)),fetch-model)
 	  --calib-num-samples $(CALIB_SAMPLES) --calib-seq-len $(CALIB_LEN) $(EXTRA))
 
 test: setup fetch-model
-	SQ2TRT_SMOLLM2=$(abspath $(SMOLLM2_GGUF)) SQ2TRT_DATA=$(DATA) $(PY) -m pytest -q -ra tests
+	SQ2TRT_SMOLLM2=$(abspath $(SMOLLM2_GGUF)) SQ2TRT_DATA=$(DATA) $(PY) -m pytest -q -ra --durations=15 tests
 
 test-fast: setup
 	SQ2TRT_DATA=$(DATA) $(PY) -m pytest -q -ra -m "not slow" tests

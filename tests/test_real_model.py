@@ -34,11 +34,30 @@ O3_MAX_PPL_RATIO = 1.07
 O3_MIN_TOP1 = 0.84
 
 
+@pytest.fixture(scope="module")
+def smollm2_out(tmp_path_factory):
+    """One build directory for this module: `make engine` (fp, O3) writes it first, and `sq2trt run` over
+    every README level then reuses fp, O3, the base export and the calibration statistics (same
+    configuration, same config hashes) instead of building them again. ~10 GB: removed afterwards."""
+    out = tmp_path_factory.mktemp("smollm2-build")
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def _keep_reports(model_dir: Path, dest: Path) -> None:
+    """Copy the reports (not the GB of ONNX) to ``dest``/<model>/: CI gates and keeps them."""
+    for f in model_dir.rglob("*"):
+        if f.is_file() and (f.name.startswith("report.") or f.name == "summary.md" or f.suffix == ".png"):
+            target = dest / model_dir.name / f.relative_to(model_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
+
+
 @pytest.mark.slow
-def test_make_engine_on_smollm2(smollm2, calib_text, eval_text, tmp_path):
+def test_make_engine_on_smollm2(smollm2, calib_text, eval_text, smollm2_out):
     # CI sets SQ2TRT_CI_OUT so the reports outlive the test: .ci/run gates them with
     # `sq2trt report --check .ci/thresholds.yaml` and keeps them as CI output.
-    out = Path(os.environ.get("SQ2TRT_CI_OUT") or tmp_path)
+    out = smollm2_out
     models = smollm2.parent.parent  # build/models (make fetch-model layout) or wherever it lives
     cmd = ["make", "engine", f"OUT={out}", f"MODELS={models}", f"CALIB={calib_text}", f"EVAL={eval_text}",
            "LEVELS=fp,O3", "CALIB_SAMPLES=32", "CALIB_LEN=512", "EVAL_TOKENS=4096", "EVAL_WINDOW=1024",
@@ -57,6 +76,8 @@ def test_make_engine_on_smollm2(smollm2, calib_text, eval_text, tmp_path):
     assert o3["logits"]["top1_agreement"] >= O3_MIN_TOP1
     assert o3["export_check"]["passed"], o3["export_check"]
     assert (model_dir / "summary.md").is_file()
+    if os.environ.get("SQ2TRT_CI_OUT"):
+        _keep_reports(model_dir, Path(os.environ["SQ2TRT_CI_OUT"]))
 
 
 # --------------------------------------------------------------------------- every level of the README
@@ -89,11 +110,12 @@ def _sq2trt(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def every_level(smollm2, tmp_path_factory):
-    """``sq2trt run`` over every README level on SmolLM2 (recipes/llama.yaml): (model dir, reports, seconds)."""
+def every_level(smollm2, smollm2_out):
+    """``sq2trt run`` over every README level on SmolLM2 (recipes/llama.yaml, the recipe `make engine`
+    picks for it): (model dir, reports, seconds). Reuses what test_make_engine_on_smollm2 built."""
     calib = data_file("wikitext2_tokenized/valid.txt")
     evalp = data_file("wikitext2_raw_test/wiki.test.raw")
-    out = tmp_path_factory.mktemp("smollm2-levels")
+    out = smollm2_out
     from sq2trt.config import get_level
 
     levels = readme_levels()
@@ -110,8 +132,7 @@ def every_level(smollm2, tmp_path_factory):
             proc.stdout[-3000:] + proc.stderr[-5000:]
     model_dir = next(p.parent for p in out.glob("*/summary.md"))
     reports = {lv: json.loads((model_dir / lv / "report.json").read_text()) for lv in levels}
-    yield model_dir, reports, seconds, common
-    shutil.rmtree(out, ignore_errors=True)
+    return model_dir, reports, seconds, common
 
 
 @pytest.mark.slow
