@@ -98,19 +98,6 @@ def load_onnx(path: str | os.PathLike, *, load_external_data: bool = True) -> on
     return model
 
 
-def load_tensors(model: onnx.ModelProto, names, base_dir: str | os.PathLike) -> None:
-    """Load the external data of the initializers ``names`` of a graph-only ``model`` (read with
-    ``load_external_data=False``) from ``base_dir``, in place; the others stay references."""
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
-
-    wanted = set(names)
-    for init in model.graph.initializer:
-        if init.name in wanted and uses_external_data(init):
-            load_external_data_for_tensor(init, str(base_dir))
-            init.data_location = onnx.TensorProto.DEFAULT
-            del init.external_data[:]
-
-
 def inline_bytes(model: onnx.ModelProto) -> int:
     """Bytes of tensor data held inside ``model`` (not counting external data), without
     ``ByteSize()``, which protobuf refuses past 2 GB."""
@@ -301,6 +288,24 @@ def refresh_weights(base: onnx.ModelProto, model: torch.nn.Module) -> onnx.Model
 
 
 # --------------------------------------------------------------------------- Q/DQ insertion
+def _without_data(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """``model`` with the initializers ``names`` reduced to name, type and shape (their values are read
+    one at a time by :func:`_float_weight`): the Q/DQ graph is built without a copy of them."""
+    out = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(out, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(out.graph, field, value)
+    for t in model.graph.initializer:
+        if t.name in names:
+            out.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+        else:
+            out.graph.initializer.append(t)
+    return out
+
+
 def bmm_inputs(model: onnx.ModelProto) -> dict[str, list[str]]:
     """Attention BMMs (Q·Kᵀ and softmax·V): MatMuls with no constant input, inside decoder layers.
     ``{node name: [input tensor names]}``."""
@@ -357,7 +362,7 @@ def _weight_qdq(wt_stored: torch.Tensor, trans_b: bool, q: GemmQuant):
         scale, zp = group_qparams(w_oi, g, q.weight_bits, q.weight_symmetric)  # (N, nblk)
         qmin, qmax = int_range(q.weight_bits, q.weight_symmetric)
         rep = lambda t: t.repeat_interleave(g, dim=1)[:, :k]  # noqa: E731 - (N, nblk) -> (N, K)
-        w_q = torch.clamp(torch.round(w_oi / rep(scale)) + rep(zp), qmin, qmax)
+        w_q = torch.clamp(torch.round(w_oi / rep(scale)) + rep(zp), qmin, qmax).to(torch.int16)  # int4/uint4 fit
         if trans_b:  # stored (N, K): blocks along axis 1
             return w_q, scale, zp, {"axis": 1, "block_size": g}
         return w_q.t(), scale.t(), zp.t(), {"axis": 0, "block_size": g}
@@ -365,9 +370,40 @@ def _weight_qdq(wt_stored: torch.Tensor, trans_b: bool, q: GemmQuant):
     if q.weight_per_channel:
         scale = int8_scale(w_oi.abs().amax(dim=1))  # (N,)
         bshape = (-1, 1) if out_axis == 0 else (1, -1)
-        return quantize(wt_stored, scale.view(bshape)).float(), scale, torch.zeros_like(scale), {"axis": out_axis}
+        return quantize(wt_stored, scale.view(bshape)), scale, torch.zeros_like(scale), {"axis": out_axis}
     scale = int8_scale(wt_stored.abs().amax())
-    return quantize(wt_stored, scale).float(), scale, torch.zeros(()), {}
+    return quantize(wt_stored, scale), scale, torch.zeros(()), {}
+
+
+def _int4_tensor(name: str, values: np.ndarray, data_type: int) -> onnx.TensorProto:
+    """An INT4/UINT4 initializer from integer ``values``: two values a byte, the first in the low
+    nibble (the ONNX layout), built with numpy rather than a Python list of every value."""
+    flat = values.astype(np.int64).ravel() & 0xF
+    if flat.size % 2:
+        flat = np.append(flat, 0)
+    packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+    t = onnx.TensorProto(name=name, data_type=data_type, dims=list(values.shape))
+    t.raw_data = packed.tobytes()
+    return t
+
+
+def _float_weight(init: onnx.TensorProto, base_dir: str | os.PathLike | None) -> np.ndarray:
+    """One float initializer's values as float32, read from ``base_dir`` when it is external data
+    (the graph keeps its reference: one weight in memory at a time, not the model's)."""
+    from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    if uses_external_data(init):
+        if base_dir is None:
+            raise OnnxInputError(f"initializer {init.name} is external data: pass base_dir (the directory of "
+                                 "the file the graph was read from)")
+        t = onnx.TensorProto()
+        t.CopyFrom(init)  # a reference only: no data yet
+        load_external_data_for_tensor(t, str(base_dir))
+        t.data_location = onnx.TensorProto.DEFAULT
+        del t.external_data[:]
+        return numpy_helper.to_array(t).astype(np.float32, copy=False)
+    return numpy_helper.to_array(init).astype(np.float32, copy=False)
 
 
 def _int_dtype(q: GemmQuant):
@@ -434,10 +470,12 @@ def insert_qdq(ref: onnx.ModelProto, plan: dict[str, GemmQuant], *, level: str,
     import onnx_graphsurgeon as gs
 
     nodes = gemm_nodes(ref, list(plan))
-    if base_dir is not None:
-        weights = {n.input[1] for n in ref.graph.node if n.name in set(nodes.values())}
-        load_tensors(ref, weights, base_dir)
-    graph = gs.import_onnx(ref)
+    # The planned GEMMs' float weights are read one at a time below, straight from ``ref``'s
+    # initializers (external data from ``base_dir``), and only their integer form is kept: peak
+    # memory is one float weight plus the integer weights, not every float weight at once.
+    planned = {n.input[1] for n in ref.graph.node if n.name in set(nodes.values())}
+    float_inits = {t.name: t for t in ref.graph.initializer if t.name in planned}
+    graph = gs.import_onnx(_without_data(ref, planned))
     by_name = {n.name: n for n in graph.nodes}
     act_cache: dict[tuple, Any] = {}
     low_bit: dict[str, int] = {}  # initializer name -> INT4/UINT4, converted after export
@@ -446,19 +484,22 @@ def insert_qdq(ref: onnx.ModelProto, plan: dict[str, GemmQuant], *, level: str,
         safe = module.replace(".", "_")
         # -- weight: constant B, stored [K, N] (MatMul, Gemm transB=0) or [N, K] (Gemm transB=1)
         w = node.inputs[1]
-        if not isinstance(w, gs.Constant):
+        if not isinstance(w, gs.Constant) or w.name not in float_inits:
             raise OnnxInputError(f"{node.name} ({module}): weight input is not a constant")
         trans_b = node.op == "Gemm" and int(node.attrs.get("transB", 0)) == 1
-        wt = torch.from_numpy(np.ascontiguousarray(w.values, dtype=np.float32))
+        wt = torch.from_numpy(_float_weight(float_inits[w.name], base_dir))
         wq, scale, zp, attrs = _weight_qdq(wt, trans_b, q)
+        k_in = int(wt.shape[0] if not trans_b else wt.shape[1])
+        del wt
         dtype = _int_dtype(q)
         wq_c = gs.Constant(f"{safe}.weight_int{q.weight_bits}", wq.numpy().astype(np.int8 if q.weight_symmetric
                                                                                   else np.uint8))
+        del wq
         ws_c = gs.Constant(f"{safe}.weight_scale", scale.numpy().astype(np.float32))
         wz_c = gs.Constant(f"{safe}.weight_zp", zp.numpy().astype(np.int8 if q.weight_symmetric else np.uint8))
         if dtype != onnx.TensorProto.INT8:
             low_bit[wq_c.name] = low_bit[wz_c.name] = dtype
-        w_dq = gs.Variable(f"{safe}.weight_dq", dtype=np.float32, shape=list(wq.shape))
+        w_dq = gs.Variable(f"{safe}.weight_dq", dtype=np.float32, shape=list(wq_c.values.shape))
         graph.nodes.append(gs.Node("DequantizeLinear", f"{safe}/weight/DequantizeLinear",
                                    attrs=attrs, inputs=[wq_c, ws_c, wz_c], outputs=[w_dq]))
         node.inputs[1] = w_dq
@@ -476,8 +517,7 @@ def insert_qdq(ref: onnx.ModelProto, plan: dict[str, GemmQuant], *, level: str,
                                        inputs=[xq, sc, zpc], outputs=[xdq]))
             node.inputs[0] = xdq
         elif q.act_dynamic is not None:  # per consuming GEMM too, so ORT can fuse each one
-            node.inputs[0] = _act_dynamic(graph, x, safe, q.act_dynamic == "per-token",
-                                          wt.shape[0] if not trans_b else wt.shape[1])
+            node.inputs[0] = _act_dynamic(graph, x, safe, q.act_dynamic == "per-token", k_in)
     bmm_nodes = bmm_inputs(ref) if bmm else {}
     for node_name, inputs in bmm_nodes.items():
         node = by_name[node_name]
@@ -499,11 +539,13 @@ def insert_qdq(ref: onnx.ModelProto, plan: dict[str, GemmQuant], *, level: str,
             node.inputs[k] = act_cache[key]
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
+    for i, init in enumerate(out.graph.initializer):  # a planned weight another node also reads: keep it whole
+        if init.name in float_inits:
+            out.graph.initializer[i].CopyFrom(float_inits[init.name])
     for i, init in enumerate(out.graph.initializer):
         if init.name in low_bit:
-            vals = onnx.numpy_helper.to_array(init)
-            out.graph.initializer[i].CopyFrom(onnx.helper.make_tensor(
-                init.name, low_bit[init.name], list(vals.shape), vals.astype(np.int64).flatten().tolist()))
+            out.graph.initializer[i].CopyFrom(_int4_tensor(init.name, onnx.numpy_helper.to_array(init),
+                                                           low_bit[init.name]))
     out.ir_version = min(ref.ir_version, MAX_IR_VERSION)
     del out.opset_import[:]
     out.opset_import.extend(ref.opset_import)
