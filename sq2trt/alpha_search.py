@@ -71,13 +71,23 @@ def coordinate_descent(kinds: Sequence[str], start: Mapping[str, float], loss: C
 
 @contextmanager
 @torch.no_grad()
-def restored(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Run a block that mutates ``model``'s parameters, then put them back exactly."""
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+def restored(model: torch.nn.Module, tensors: Sequence[torch.Tensor] | None = None) -> Iterator[torch.nn.Module]:
+    """Run a block that mutates ``model``'s parameters (only ``tensors``, when given), then put them
+    back exactly. Naming the tensors keeps the saved copy to what the block changes (a real-size
+    model is not cloned whole for every loss evaluation)."""
+    if tensors is None:
+        saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        try:
+            yield model
+        finally:
+            model.load_state_dict(saved)
+        return
+    copies = [(t, t.detach().clone()) for t in tensors]
     try:
         yield model
     finally:
-        model.load_state_dict(saved)
+        for t, c in copies:
+            t.copy_(c)
 
 
 def logits_of(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 2) -> torch.Tensor:
@@ -93,7 +103,7 @@ def o3_loss(model: torch.nn.Module, arch: Arch, act_stats: Mapping[str, torch.Te
 
     ``names``: the GEMMs to quantize; ``quant.smooth_folds`` says which groups are smoothed.
     """
-    from .smooth import apply_scales, group_inputs, scales_from_inputs, smoothed_act_stats
+    from .smooth import apply_scales, folded_tensors, group_inputs, scales_from_inputs, smoothed_act_stats
 
     ref = logits_of(model, windows) if ref_logits is None else ref_logits
     inputs = group_inputs(model, arch, act_stats, quant.smooth_folds)  # weights before any fold
@@ -101,7 +111,7 @@ def o3_loss(model: torch.nn.Module, arch: Arch, act_stats: Mapping[str, torch.Te
 
     def loss(alphas: Alphas) -> float:
         scales = scales_from_inputs(inputs, alphas, arch.alpha)
-        with restored(model):
+        with restored(model, folded_tensors(model, arch)):  # apply_scales changes these alone
             apply_scales(model, arch, scales)
             stats = smoothed_act_stats(model, arch, act_stats, scales)
             return kl_of({n: float(stats[n].max()) for n in names})

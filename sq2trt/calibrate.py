@@ -87,4 +87,14 @@ def collect_with(model: torch.nn.Module, names: list[str], windows: torch.Tensor
     if missing:
         raise RuntimeError(f"calibration hooks never fired for {missing[:3]}...; the architecture row "
                            "names modules the forward pass does not call")
-    return stats
+    return {k: _on_cpu(v) for k, v in stats.items()}
+
+
+def _on_cpu(v: Any) -> Any:
+    """A running statistic as callers keep it: tensors on the CPU (the reductions ran on the device
+    the activations were on: the GPU under sq2trt.onload)."""
+    if isinstance(v, torch.Tensor):
+        return v.cpu()
+    if isinstance(v, tuple):
+        return tuple(_on_cpu(x) for x in v)
+    return v

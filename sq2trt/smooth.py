@@ -122,31 +122,57 @@ def group_scales(model: torch.nn.Module, arch: Arch, act_stats: Mapping[str, tor
 
 
 def _scale_rows(t: torch.Tensor, s: torch.Tensor, dim: int, inverse: bool) -> None:
+    """``t /= s`` (``inverse``) or ``t *= s`` along ``dim``, in place (``t`` FP32)."""
     shape = [1] * t.ndim
     shape[dim] = -1
-    f = s.view(shape).to(t.dtype)
+    f = s.float().view(shape).to(t.device)
     t.div_(f) if inverse else t.mul_(f)
 
 
 @torch.no_grad()
 def apply_scales(model: torch.nn.Module, arch: Arch, scales: Mapping[str, torch.Tensor]) -> None:
     """Fold ``scales`` (from :func:`group_scales`) into the model, in place. Groups whose producer
-    has no entry in ``scales`` are left alone, so the scales file says what was folded."""
+    has no entry in ``scales`` are left alone, so the scales file says what was folded.
+
+    The folds of a tensor (v_proj, say: its columns by the q/k/v scale, its rows by the o scale) are
+    computed in FP32, in group order, and stored back once: an FP16/BF16-stored weight is rounded
+    once, to exactly what folding its FP32 upcast and rounding would give."""
     row_dim, col_dim = (0, 1) if arch.layout is Layout.OUT_IN else (1, 0)
+    todo: dict[int, tuple[torch.Tensor, list[tuple[torch.Tensor, int, bool]]]] = {}
+
+    def fold(t: torch.Tensor, s: torch.Tensor, dim: int, inverse: bool) -> None:
+        todo.setdefault(id(t), (t, []))[1].append((s, dim, inverse))
+
     for layer, _, key, g in iter_groups(model, arch, ALL_FOLDS):
         s = scales.get(key)
         if s is None:
             continue
         producer = layer.get_submodule(g.producer)
-        if GROUP_KINDS[g.kind].producer == "norm":
-            producer.weight.div_(s.to(producer.weight.dtype))
-        else:
-            _scale_rows(producer.weight, s, row_dim, inverse=True)
+        fold(producer.weight, s, 0 if GROUP_KINDS[g.kind].producer == "norm" else row_dim, True)
         if getattr(producer, "bias", None) is not None:
-            producer.bias.div_(s.to(producer.bias.dtype))
+            fold(producer.bias, s, 0, True)
         for c in g.consumers:
             w = _consumer_weight(layer, c)  # input channels: last axis (OUT_IN, incl. 3-D experts) or 0
-            _scale_rows(w, s[_index(model, layer, arch, g, w)], w.ndim - 1 if col_dim == 1 else 0, inverse=False)
+            fold(w, s[_index(model, layer, arch, g, w)], w.ndim - 1 if col_dim == 1 else 0, False)
+    for t, ops in todo.values():  # one tensor at a time: an FP32 copy of one weight at most
+        x = t if t.dtype == torch.float32 else t.float()
+        for s, dim, inverse in ops:
+            _scale_rows(x, s, dim, inverse)
+        if x is not t:
+            t.copy_(x)
+
+
+def folded_tensors(model: torch.nn.Module, arch: Arch, folds: tuple[str, ...] = ALL_FOLDS) -> list[torch.Tensor]:
+    """Every tensor :func:`apply_scales` may change for ``folds``: producers' weights and biases and
+    consumers' weights (what must be saved to undo a fold exactly; nothing else is touched)."""
+    out: dict[int, torch.Tensor] = {}
+    for layer, _, _, g in iter_groups(model, arch, folds):
+        producer = layer.get_submodule(g.producer)
+        for t in (producer.weight, getattr(producer, "bias", None),
+                  *(_consumer_weight(layer, c) for c in g.consumers)):
+            if t is not None:
+                out[id(t)] = t
+    return list(out.values())
 
 
 def smooth(model: torch.nn.Module, arch: Arch, act_stats: Mapping[str, torch.Tensor], alpha: Alpha,
