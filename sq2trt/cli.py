@@ -50,6 +50,9 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recipe", help="recipe YAML; default: recipes/<family>.yaml of the architecture the "
                    "model's config declares; 'none' for built-in defaults")
     g.add_argument("--opset", type=int, help="ONNX opset of the export (default 21)")
+    g.add_argument("--dtype", help="precision of the weights in memory: auto (default: the checkpoint's own, "
+                   "FP16/BF16 stay FP16/BF16; FP32 for GGUF and random: models), float32, float16 or bfloat16; "
+                   "computation is FP32 either way")
     g.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="allow model code from the hub (off unless asked)")
     hints = {"level": f"one of {', '.join(LEVELS)}", "alpha": "migration strength in [0, 1] (default: the "
@@ -83,7 +86,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def _config(args: argparse.Namespace, recipe: str | None) -> Config:
     base: dict[str, Any] = load_recipe(recipe) if recipe else {}
-    over: dict[str, Any] = {"model": args.model, "opset": args.opset, "trust_remote_code": args.trust_remote_code}
+    over: dict[str, Any] = {"model": args.model, "opset": args.opset, "trust_remote_code": args.trust_remote_code,
+                           "dtype": getattr(args, "dtype", None)}
     for section, _, _ in _SECTIONS:
         over[section] = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith(section + ".")}
     return Config.from_dict(merge(Config().to_dict(), merge(base, over)))
@@ -159,22 +163,36 @@ def check_resources(args: argparse.Namespace, config: Config, levels: Sequence[s
 
 
 def _tqdm_progress(quiet: bool):
-    if quiet:
-        return None
-    from tqdm import tqdm
+    """The pipeline's progress: a bar on a terminal, log lines in a log file or CI (sq2trt.logs)."""
+    from .logs import progress_factory
 
-    # disable=None: bars on a terminal, none in logs (CI); the INFO line per step remains
-    return lambda desc, total: tqdm(total=total, desc=desc, unit="seq", leave=False, file=sys.stderr, disable=None)
+    return progress_factory(quiet)
+
+
+def _preflight(args: argparse.Namespace) -> tuple[Config, list[str]]:
+    """The resolved config and levels of a command that loads a model, after sq2trt.preflight checked
+    the whole request without loading weights (levels, architecture, data, tasks, --out, the hub):
+    every problem is one typed error now rather than one at a time after minutes. Then the libraries'
+    own logging switches (sq2trt.logs.quiet_libraries), before anything loads."""
+    from . import preflight
+    from .logs import quiet_libraries
+
+    config, levels = preflight.check(args, resolve=resolved_config, flags_only=config_from_args)
+    quiet_libraries()
+    return config, levels
 
 
 def _pipeline(args: argparse.Namespace, config: Config | None = None, *, check: bool = True):
-    """The Pipeline for this command; ``check``: first verify the run fits this machine."""
+    """The Pipeline for this command (preflight first, when no config is given); ``check``: first
+    verify the run fits this machine."""
     from .pipeline import Pipeline
 
-    config = config or resolved_config(args)
+    config = config or _preflight(args)[0]
     if check:
         check_resources(args, config, [config.quant.level])
-    return Pipeline(config, args.out, device=args.device, progress=_tqdm_progress(args.quiet), force=args.force)
+    pipe = Pipeline(config, args.out, device=args.device, progress=_tqdm_progress(args.quiet), force=args.force)
+    pipe.report_extras = getattr(args, "report_extras", True)
+    return pipe
 
 
 def cmd_calibrate(args):
@@ -216,7 +234,7 @@ def cmd_compare(args):
         from .data import eval_windows, load_text, tokenize
         from .models import load_model
 
-        cfg = resolved_config(args)
+        cfg, _ = _preflight(args)
         tok = load_model(cfg.model).tokenizer if cfg.model else None
         if tok is None:
             raise Sq2trtError("--model is needed to tokenize the comparison text")
@@ -281,7 +299,7 @@ def cmd_sweep(args):
     from .pipeline import Pipeline
     from .plots import alpha_sweep, plot_alpha_sweep
 
-    config = resolved_config(args)
+    config, _ = _preflight(args)
     check_resources(args, config, [config.quant.level])
     points = alpha_sweep(config, [float(a) for a in args.alphas], args.out, progress=_tqdm_progress(args.quiet))
     model_dir = Pipeline(config, args.out).model_dir
@@ -303,8 +321,8 @@ def _ordered_levels(levels: Sequence[str]) -> list[str]:
 def cmd_run(args):
     from .report import write_summary
 
-    config = resolved_config(args)
-    levels = _ordered_levels(args.levels or [config.quant.level])
+    config, levels = _preflight(args)
+    levels = _ordered_levels(levels)
     check_resources(args, config, levels)
     shared = None
     reports = []
@@ -323,8 +341,8 @@ def cmd_plan_resources(args):
     """Print the resource estimate next to what this machine has; exit 5 when it does not fit."""
     from . import budget
 
-    config = resolved_config(args)
-    est, avail = _budget(args, config, list(dict.fromkeys(args.levels or [config.quant.level])))
+    config, levels = _preflight(args)
+    est, avail = _budget(args, config, levels)
     print(budget.render(est, avail))
     budget.check(est, avail)
 
@@ -354,7 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="skip the check that the model fits this machine's RAM, GPU memory and "
                                      "disk (also SQ2TRT_NO_RESOURCE_CHECK=1); see `sq2trt plan-resources`")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-        sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        sp.add_argument("-v", "--verbose", action="count", default=0,
+                        help="also other libraries' INFO logs (and sq2trt's DEBUG); -vv their DEBUG too")
+        sp.add_argument("--log-file", metavar="PATH", help="also append every log line, with times and other "
+                        "libraries' INFO, to PATH")
         return sp
 
     step("calibrate", cmd_calibrate, "per-channel activation maxima (and static scales for static levels)")
@@ -372,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="accuracy gate: exit 1 naming each metric outside the thresholds (recipes/thresholds.yaml)")
     rp.add_argument("--from", dest="from_json", metavar="REPORT_JSON",
                     help="check this existing report.json instead of running the pipeline")
+    extras_help = ("per-layer diagnosis and the ORT score of the FP16 graph TensorRT builds, in the report "
+                   "(default on; --no-report-extras saves ~1 min a level on the default model)")
+    rp.add_argument("--report-extras", action=argparse.BooleanOptionalAction, default=True, help=extras_help)
     ev = step("evaluate", cmd_evaluate, "perplexity three ways (float, fake-quant, engine) and zero-shot tasks")
     ev.add_argument("--tasks", type=_csv, help="comma-separated: copa, openbookqa, or task .jsonl files "
                     "({context, choices, label} lines)")
@@ -387,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = step("run", cmd_run, "the whole flow: calibrate, smooth, export, build, compare, report")
     r.add_argument("--levels", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    help="comma-separated levels to run in one go (e.g. fp,W8A8,O3); default: --level")
+    r.add_argument("--report-extras", action=argparse.BooleanOptionalAction, default=True, help=extras_help)
     pr = step("plan-resources", cmd_plan_resources, "estimate peak host RAM, GPU memory and disk from the model's "
               "config (no weights loaded) and compare with this machine (exit 5 when it does not fit)",
               resource_check=False)
@@ -407,11 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("torch.onnx", "onnxscript", "transformers", "polygraphy", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.INFO)
+    from .logs import setup
+
     try:
+        # sq2trt's INFO lines; other libraries from WARNING up unless -v (sq2trt.logs says why and how)
+        setup(verbose=args.verbose, quiet=args.quiet, log_file=args.log_file)
         rc = args.fn(args)
     except Sq2trtError as exc:
         print(f"sq2trt {args.command}: error: {exc}", file=sys.stderr)

@@ -69,3 +69,68 @@ def batched_perplexity(logits_fn: LogitsFn, windows: torch.Tensor, *, batch: int
         if progress is not None:
             progress(ids.shape[0])
     return math.exp(total / count)
+
+
+# --------------------------------------------------------------------------- paired scoring
+class TokenScores:
+    """Per-token results of one model on evaluation windows (n, T): the NLL of each predicted token
+    (n, T - 1) and the argmax of every position's logits (n, T). Two models scored on the same windows
+    are compared pairwise by :func:`paired_summary`."""
+
+    def __init__(self, nll: np.ndarray, argmax: np.ndarray):
+        self.nll = np.asarray(nll, dtype=np.float64)
+        self.argmax = np.asarray(argmax, dtype=np.int64)
+        if self.nll.ndim != 2 or self.argmax.shape != (self.nll.shape[0], self.nll.shape[1] + 1):
+            raise ValueError(f"nll (n, T-1) and argmax (n, T) expected, got {self.nll.shape} and {self.argmax.shape}")
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(float(self.nll.mean()))
+
+    def head(self, windows: int) -> "TokenScores":
+        """The scores of the first ``windows`` windows."""
+        return TokenScores(self.nll[:windows], self.argmax[:windows])
+
+    def save(self, path) -> None:
+        from .artifacts import producing
+
+        with producing(path, suffix=".npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, nll=self.nll, argmax=self.argmax.astype(np.int32))
+
+    @classmethod
+    def load(cls, path) -> "TokenScores":
+        with np.load(path) as z:
+            return cls(z["nll"], z["argmax"])
+
+
+def score_tokens(logits_fn: LogitsFn, windows: torch.Tensor,
+                 progress: Callable[[int], None] | None = None) -> TokenScores:
+    """Per-token NLL and argmax of ``logits_fn`` on ``windows`` (n, T), one window per call."""
+    nll, top = [], []
+    for i in range(windows.shape[0]):
+        ids = windows[i: i + 1]
+        logits = torch.from_numpy(np.asarray(logits_fn(ids.numpy())))
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        nll.append((-logp.gather(-1, ids[:, 1:, None]).squeeze(-1)).double().numpy())
+        top.append(logits.argmax(-1).numpy())
+        if progress is not None:
+            progress(1)
+    return TokenScores(np.concatenate(nll), np.concatenate(top))
+
+
+def paired_summary(reference: TokenScores, engine: TokenScores) -> dict:
+    """Both perplexities, the engine's perplexity increase and its top-1 agreement with the reference
+    on the same tokens, each with a confidence interval (sq2trt.stats; blocks cut within windows)."""
+    from .stats import agreement_ci, block_sums, paired_ppl_increase
+
+    if reference.nll.shape != engine.nll.shape:
+        raise ValueError(f"paired scores need the same windows: {reference.nll.shape} vs {engine.nll.shape}")
+    r_sum, counts = block_sums(reference.nll)
+    e_sum, _ = block_sums(engine.nll)
+    agree = (reference.argmax == engine.argmax)[:, : reference.nll.shape[1]]  # positions that predict a token
+    a_sum, a_n = block_sums(agree.astype(np.float64))
+    inc = paired_ppl_increase(r_sum, e_sum, counts)
+    return {"ppl_reference": inc.pop("ppl_reference"), "ppl_engine": inc.pop("ppl_engine"),
+            "ppl_increase": inc, "top1_agreement": agreement_ci(a_sum, a_n),
+            "windows": int(reference.nll.shape[0]), "tokens": int(counts.sum())}

@@ -37,7 +37,8 @@ def tasks_identity(resolved: Resolved) -> list[Any]:
 def evaluate_pipeline(pipe, resolved: Resolved, *, batch_tokens: int = 4096) -> dict[str, Any]:
     from .engine import session
     from .errors import ExportMismatchError
-    from .evaluate import ENGINE_PPL_RTOL, ort_logits_fn, perplexity, relative_gap, torch_logits_fn
+    from .evaluate import (ENGINE_PPL_RTOL, ort_logits_fn, paired_summary, perplexity, relative_gap, score_tokens,
+                           torch_logits_fn)
     from .fakequant import batch_invariant, fake_quantized
     from .tasks import score_examples
 
@@ -58,6 +59,18 @@ def evaluate_pipeline(pipe, resolved: Resolved, *, batch_tokens: int = 4096) -> 
             bar.close()
             seconds[f"ppl_{which}"] = round(time.perf_counter() - t, 2)
 
+    scored = {}
+
+    def paired_ppl(which: str, fn) -> float:  # per-token scores kept: the gated pair is torch_fp vs engine
+        bar = pipe._progress(f"perplexity ({which})", windows.shape[0])
+        t = time.perf_counter()
+        try:
+            scored[which] = score_tokens(fn, windows, progress=bar.update)
+            return scored[which].perplexity
+        finally:
+            bar.close()
+            seconds[f"ppl_{which}"] = round(time.perf_counter() - t, 2)
+
     export_check = None
     if plan:
         from .verify import check_export_files
@@ -69,14 +82,14 @@ def evaluate_pipeline(pipe, resolved: Resolved, *, batch_tokens: int = 4096) -> 
         export_check = check.to_dict()
 
     p: dict[str, float | None] = {}
-    p["torch_fp"] = ppl("torch_fp", torch_logits_fn(model))
+    p["torch_fp"] = paired_ppl("torch_fp", torch_logits_fn(model))
     if plan:
         with fake_quantized(model, plan):
             p["torch_fakequant"] = ppl("torch_fakequant", torch_logits_fn(model))
     else:
         p["torch_fakequant"] = None
     p["engine_exact"] = ppl("engine_exact", ort_logits_fn(session(exact_path, device="cpu", optimize=False)))
-    p["engine"] = ppl("engine", ort_logits_fn(session(engine, device=pipe.device)))
+    p["engine"] = paired_ppl("engine", ort_logits_fn(session(engine, device=pipe.device)))
 
     want = p["torch_fakequant"] if plan else p["torch_fp"]
     log.info("perplexities: %s", p)  # logged before the agreement check, so a failing run still shows them
@@ -118,6 +131,8 @@ def evaluate_pipeline(pipe, resolved: Resolved, *, batch_tokens: int = 4096) -> 
         "engine_hash": pipe.h("engine"),
         "perplexity": p,
         "ppl_increase": p["engine"] / p["torch_fp"] - 1.0,
+        # the same increase with its 95% interval (paired on the same tokens), and top-1 agreement vs PyTorch float
+        "paired": paired_summary(scored["torch_fp"], scored["engine"]),
         "agreement": {
             "engine_exact_vs_reference": exact_gap,
             "export_check": export_check,
@@ -130,3 +145,50 @@ def evaluate_pipeline(pipe, resolved: Resolved, *, batch_tokens: int = 4096) -> 
         "tasks": tasks,
         "seconds": seconds,
     }
+
+
+# The FP16 graph a strongly typed TensorRT network is built from (<level>.fp16.onnx), scored by ONNX
+# Runtime on CPU without fusions. ORT's CPU FP16 path is about twice as slow as the FP32 engine, so at
+# most this many evaluation windows are scored (the first ones; the report says how many). Measured on
+# SmolLM2-135M, 2 cores, 1,024-token windows, 2026-12-02 (`make engine` at CI's budget): 6.3 s per window
+# for the FP16 graph vs 3.3 s for an FP32 graph on a quiet machine, 35 s vs 27 s while other jobs shared
+# the cores. 4 windows (CI's whole evaluation) cost ~25 s quiet; the default budget's 16 would cost ~100 s
+# quiet and ~9 minutes contended.
+FP16_MAX_WINDOWS = 4
+
+
+def score_fp16(pipe) -> dict[str, Any] | None:
+    """Perplexity of ``<level>.fp16.onnx`` (Pipeline.trt_onnx) on the first :data:`FP16_MAX_WINDOWS`
+    evaluation windows, paired with the reference's on the same tokens (perplexity increase and top-1
+    agreement with 95% intervals): ``<level>/fp16_eval.json``, stamped with a hash of the FP16 graph's
+    config, the reference scores' and the window count. None for levels TensorRT does not run."""
+    from .artifacts import fresh, read_json, stamp, write_json
+    from .config import config_hash, level_support
+    from .engine import session
+    from .evaluate import ort_logits_fn, paired_summary, score_tokens
+
+    if level_support(pipe.config.quant.level, "trt") is not None:
+        return None
+    windows = pipe._windows("eval")
+    k = min(int(windows.shape[0]), FP16_MAX_WINDOWS)
+    h = config_hash(pipe.h("fp16"), pipe.h("ref_ppl"), k, "fp16-eval-v1")
+    path = pipe.path("fp16_eval.json")
+    if not pipe.force and fresh(path, h):
+        return read_json(path)
+    fp16 = pipe.trt_onnx(lint=False)
+    ref = pipe._cached_ref_ppl()
+    t = time.perf_counter()
+    if ref is None:  # compare() writes the reference's scores; without them, score the reference here
+        ref = score_tokens(ort_logits_fn(session(pipe.path("ref.onnx"), device=pipe.device)), windows[:k])
+    bar = pipe._progress("perplexity (FP16 TensorRT input, ORT CPU)", k)
+    try:
+        scores = score_tokens(ort_logits_fn(session(fp16, device="cpu", optimize=False)), windows[:k],
+                              progress=bar.update)
+    finally:
+        bar.close()
+    result = {"file": fp16.name, "fp16_hash": pipe.h("fp16"), "runtime": "onnxruntime CPU, ORT_ENABLE_BASIC",
+              "windows": k, "of_windows": int(windows.shape[0]), "window": int(windows.shape[1]),
+              "paired": paired_summary(ref.head(k), scores), "seconds": round(time.perf_counter() - t, 1)}
+    write_json(path, result)
+    stamp(path, h)
+    return result

@@ -2,15 +2,27 @@
 
 Thresholds (YAML; every key optional, see recipes/thresholds.yaml)::
 
-    max_ppl_increase: 0.05          # engine perplexity / floating-point perplexity - 1
-    min_top1_agreement: 0.9         # argmax agreement of engine vs reference logits (Polygraphy compare)
-    max_logits_rel_l2: 0.2          # ||engine - ref|| / ||ref|| over the comparison logits
-    max_acc_drop: {copa: 0.03}      # float acc - engine acc, per task (absolute, 0.03 = 3 points)
-    max_acc_norm_drop: {openbookqa: 0.03}
+    max_ppl_increase: 0.05          # engine perplexity / reference perplexity - 1 (paired, with interval)
+    min_top1_agreement: 0.875       # argmax agreement with the reference on every evaluation token (interval)
+    max_logits_rel_l2: 0.17         # ||engine - ref|| / ||ref|| over the comparison logits (Polygraphy)
+    max_acc_drop: {copa: 0.05}      # float acc - engine acc, per task (absolute, 0.05 = 5 points)
+    max_acc_norm_drop: {copa: 0.05}
 
 A threshold on a metric the report does not contain fails (naming what to run): a gate must not
 pass because a measurement is missing. Pure functions over the report dict; the CLI raises
 :class:`~sq2trt.errors.AccuracyGateError` (exit code 1) on failure.
+
+Measured values with a confidence interval (``ppl_increase``: paired t-interval; ``top1_agreement``:
+Wilson; see sq2trt.stats) are judged three ways:
+
+- ``pass``: the value *and its whole 95% interval* are within the limit;
+- ``FAIL``: the value is beyond the limit (a regression);
+- ``TOO SMALL``: the value is within the limit but the interval reaches past it, i.e. the evaluation
+  cannot tell this engine from one that fails. This fails too (:class:`EvaluationTooSmallError`, exit
+  code 1): a gate that passes on noise is not a gate. Evaluate more tokens (``--eval-max-tokens``) or
+  set the limit from a measurement at this budget (recipes/thresholds.yaml says how).
+
+Metrics without an interval (``logits_rel_l2``, task accuracy drops) are judged on the value.
 """
 from __future__ import annotations
 
@@ -62,6 +74,14 @@ def load_thresholds(path: str | os.PathLike) -> Thresholds:
                                 str(path))
 
 
+class EvaluationTooSmallError(AccuracyGateError):
+    """Every failed threshold failed only because its confidence interval crosses the limit: the
+    evaluation is too small to judge (exit code 1, like any gate failure)."""
+
+
+PASS, FAIL, TOO_SMALL, MISSING = "pass", "fail", "too small", "missing"
+
+
 @dataclass(frozen=True)
 class Check:
     metric: str
@@ -69,18 +89,38 @@ class Check:
     limit: float
     kind: str  # "max" or "min"
     hint: str = ""
+    lo: float | None = None  # confidence interval of the value, when the report has one
+    hi: float | None = None
+    n: int | None = None  # tokens (or items) the value was measured on
+
+    @property
+    def status(self) -> str:
+        if self.value is None or not math.isfinite(self.value):
+            return MISSING
+        if not (self.value <= self.limit if self.kind == "max" else self.value >= self.limit):
+            return FAIL
+        bound = self.hi if self.kind == "max" else self.lo
+        if bound is not None and not (bound <= self.limit if self.kind == "max" else bound >= self.limit):
+            return TOO_SMALL
+        return PASS
 
     @property
     def passed(self) -> bool:
-        if self.value is None or not math.isfinite(self.value):
-            return False
-        return self.value <= self.limit if self.kind == "max" else self.value >= self.limit
+        return self.status == PASS
 
     def __str__(self) -> str:
         op = "<=" if self.kind == "max" else ">="
         if self.value is None:
             return f"FAIL {self.metric}: missing from the report (needs {op} {self.limit:g}); {self.hint}"
-        return f"{'ok  ' if self.passed else 'FAIL'} {self.metric} = {self.value:.4g} (needs {op} {self.limit:g})"
+        ci = "" if self.lo is None else f", 95% interval [{self.lo:.4g}, {self.hi:.4g}]"
+        on = "" if self.n is None else f" on {self.n} tokens"
+        text = f"{self.metric} = {self.value:.4g}{ci}{on} (needs {op} {self.limit:g})"
+        st = self.status
+        if st == TOO_SMALL:
+            return (f"TOO SMALL {text}: the value passes but its interval crosses the limit, so this evaluation "
+                    "cannot tell the engine from one that fails; evaluate more tokens (--eval-max-tokens) or "
+                    "re-derive the limit at this budget")
+        return f"{'ok  ' if st == PASS else 'FAIL'} {text}"
 
 
 @dataclass(frozen=True)
@@ -91,25 +131,48 @@ class GateResult:
     def failures(self) -> list[Check]:
         return [c for c in self.checks if not c.passed]
 
+    @property
+    def too_small(self) -> bool:
+        """Failed, and only because intervals cross limits (no value is out of bounds or missing)."""
+        return bool(self.failures) and all(c.status == TOO_SMALL for c in self.failures)
+
     def __bool__(self) -> bool:
         return not self.failures
 
     def __str__(self) -> str:
-        head = "accuracy gate passed" if self else f"accuracy gate FAILED ({len(self.failures)} of {len(self.checks)})"
+        if self:
+            head = "accuracy gate passed"
+        elif self.too_small:
+            head = (f"accuracy gate FAILED: evaluation too small to judge ({len(self.failures)} of "
+                    f"{len(self.checks)} intervals cross their limit)")
+        else:
+            head = f"accuracy gate FAILED ({len(self.failures)} of {len(self.checks)})"
         return "\n".join([head] + [f"  {c}" for c in self.checks])
 
 
+def _interval(d: Mapping[str, Any] | None) -> dict[str, Any]:
+    d = d or {}
+    return {"lo": d.get("lo"), "hi": d.get("hi"), "n": d.get("tokens")}
+
+
 def report_metrics(report: Mapping[str, Any]) -> dict[str, Any]:
-    """The gated numbers of a report: eval.json's when present (PyTorch float baseline), else
-    compare.json's (ref.onnx baseline)."""
+    """The gated numbers of a report: eval.json's perplexity increase when present (PyTorch float
+    baseline), else compare.json's (ref.onnx baseline), each with its paired 95% interval where the
+    report has one; top-1 agreement from compare.json's paired comparison on the evaluation windows
+    (every evaluation token, Wilson interval), else Polygraphy's on the comparison windows (no interval)."""
     ev = report.get("eval") or {}
     cmp = report.get("compare") or {}
-    ppl_inc = ev.get("ppl_increase", cmp.get("ppl_increase"))
+    src = ev if "ppl_increase" in ev else cmp
+    ppl_inc = src.get("ppl_increase")
+    ppl_ci = _interval((src.get("paired") or {}).get("ppl_increase"))
     logits = cmp.get("logits") or {}
-    tasks = {name: {"acc_drop": t.get("acc_drop"), "acc_norm_drop": t.get("acc_norm_drop")}
+    top1 = (cmp.get("paired") or {}).get("top1_agreement")
+    top1_value = top1["value"] if top1 else logits.get("top1_agreement")
+    top1_ci = _interval(top1) if top1 else {"lo": None, "hi": None, "n": logits.get("tokens")}
+    tasks = {name: {"acc_drop": t.get("acc_drop"), "acc_norm_drop": t.get("acc_norm_drop"), "n": t.get("n")}
              for name, t in (ev.get("tasks") or {}).items()}
-    return {"ppl_increase": ppl_inc, "top1_agreement": logits.get("top1_agreement"),
-            "logits_rel_l2": logits.get("rel_l2"), "tasks": tasks}
+    return {"ppl_increase": ppl_inc, "ppl_increase_ci": ppl_ci, "top1_agreement": top1_value,
+            "top1_agreement_ci": top1_ci, "logits_rel_l2": logits.get("rel_l2"), "tasks": tasks}
 
 
 def check_report(report: Mapping[str, Any], th: Thresholds) -> GateResult:
@@ -117,10 +180,10 @@ def check_report(report: Mapping[str, Any], th: Thresholds) -> GateResult:
     checks: list[Check] = []
     if th.max_ppl_increase is not None:
         checks.append(Check("ppl_increase", m["ppl_increase"], th.max_ppl_increase, "max",
-                            "run `sq2trt evaluate` or `sq2trt compare`"))
+                            "run `sq2trt evaluate` or `sq2trt compare`", **m["ppl_increase_ci"]))
     if th.min_top1_agreement is not None:
         checks.append(Check("top1_agreement", m["top1_agreement"], th.min_top1_agreement, "min",
-                            "run `sq2trt compare`"))
+                            "run `sq2trt compare`", **m["top1_agreement_ci"]))
     if th.max_logits_rel_l2 is not None:
         checks.append(Check("logits_rel_l2", m["logits_rel_l2"], th.max_logits_rel_l2, "max", "run `sq2trt compare`"))
     for key, table in (("acc_drop", th.max_acc_drop), ("acc_norm_drop", th.max_acc_norm_drop)):
@@ -134,5 +197,5 @@ def enforce(report: Mapping[str, Any], th: Thresholds) -> GateResult:
     """:func:`check_report`, raising :class:`AccuracyGateError` naming each failed metric."""
     res = check_report(report, th)
     if not res:
-        raise AccuracyGateError(str(res))
+        raise (EvaluationTooSmallError if res.too_small else AccuracyGateError)(str(res))
     return res

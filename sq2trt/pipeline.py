@@ -61,6 +61,19 @@ class Pipeline:
         self._smoothed_with: str | None = None  # hash of the scales applied to the in-memory model
         self._tokens: dict[str, torch.Tensor] = {}  # text source -> token ids (same tokenizer)
         self._kind_alphas: dict[str, float] | None = None  # searched once per run (h() asks often)
+        self._torch_device: torch.device | None = None
+        self.report_extras = True  # report(): per-layer diagnosis and the FP16 graph's score too
+
+    @property
+    def torch_device(self) -> torch.device:
+        """Where PyTorch computes (calibration, smoothing statistics, alpha search, clip choice, fallback,
+        fake-quant perplexity): ``device`` as given (``auto``: CUDA when torch sees a GPU, else the CPU).
+        ``device`` also picks ONNX Runtime's provider (sq2trt.engine.providers)."""
+        if self._torch_device is None:
+            from .onload import resolve_device
+
+            self._torch_device = resolve_device(self.device)
+        return self._torch_device
 
     def adopt(self, other: "Pipeline") -> None:
         """Share ``other``'s loaded model (and its smoothing state) instead of loading it again."""
@@ -190,7 +203,10 @@ class Pipeline:
         c, q = self.config, self.config.quant
         v = artifacts.tool_versions()
         calib = dataclasses.replace(c.calib, data=artifacts.source_id(c.calib.data))
-        model = config_hash(self._model_id(), artifacts.source_fingerprint(), v["torch"], v["transformers"])
+        # the weights' stored dtype (by --dtype and the model's files) and the compute device change the
+        # numbers of every PyTorch step (layer-wise FP32 compute: sq2trt.onload)
+        model = config_hash(self._model_id(), artifacts.source_fingerprint(), v["torch"], v["transformers"],
+                            c.dtype, self.torch_device.type)
         stats = config_hash(model, calib)
         if step == "stats":  # before any alpha: a searched alpha (SmoothQuant+) itself needs the stats
             return stats
@@ -228,10 +244,16 @@ class Pipeline:
 
     @contextmanager
     def _timed(self, step: str) -> Iterator[None]:
+        """Time a step into ``self.timings`` and log one line when it ends, "<step> done in X s" (or
+        "<step> stopped after X s" when it raised), so a log file shows where the time went."""
         t = time.perf_counter()
-        yield
+        try:
+            yield
+        except BaseException:
+            log.info("%s stopped after %.1f s", step, time.perf_counter() - t)
+            raise
         self.timings[step] = round(time.perf_counter() - t, 2)
-        log.info("%s took %.1f s", step, self.timings[step])
+        log.info("%s done in %.1f s", step, self.timings[step])
 
     # ------------------------------------------------------------------ model and data
     @property
@@ -240,9 +262,31 @@ class Pipeline:
             from .models import load_model
 
             with self._timed("load_model"):
-                self._loaded = load_model(self.config.model, trust_remote_code=self.config.trust_remote_code)
+                self._loaded = load_model(self.config.model, trust_remote_code=self.config.trust_remote_code,
+                                          dtype=self.config.dtype)
             self._smoothed_with = None
+            self._attach_layerwise(self._loaded.model)
         return self._loaded
+
+    def _attach_layerwise(self, model: torch.nn.Module) -> None:
+        """Weights stored other than FP32 on the compute device: every forward computes in FP32 on
+        ``torch_device`` one decoder layer at a time (sq2trt.onload), so every caller of the model works
+        unchanged. An FP32 model computing on the CPU gets no hooks at all."""
+        from .onload import Layerwise, needs_layerwise
+
+        if needs_layerwise(model, self.torch_device):
+            Layerwise(model, get_arch(model), self.torch_device).attach()
+
+    @contextmanager
+    def _fp32_model(self) -> Iterator[torch.nn.Module]:
+        """The in-memory model (as it is now: smoothed or not) as a hook-free FP32 CPU model, for the
+        ONNX exporter and its checks; stored back in its own dtype afterwards (exact). For now the
+        exporter needs this FP32 copy (made here, at export time only, freed after); part 3 of issue
+        #11 replaces it with an FP16 reference and INT8 weights written straight from the stored ones."""
+        from .onload import fp32_cpu
+
+        with fp32_cpu(self.loaded.model) as model:
+            yield model
 
     @property
     def arch(self) -> Arch:
@@ -320,6 +364,9 @@ class Pipeline:
         bar = self._progress(desc, windows.shape[0])
         try:
             if running:  # reducer is an Update: (prev, x) -> new
+                if self.torch_device.type != "cpu":  # running histograms (sq2trt.clipping) live on the CPU
+                    update = reducer
+                    reducer = lambda prev, x: update(prev, x.detach().float().cpu())  # noqa: E731
                 return collect_with(self.loaded.model, names, windows, reducer, progress=bar.update)
             return collect(self.loaded.model, names, windows, reducer, progress=bar.update)
         finally:
@@ -462,9 +509,9 @@ class Pipeline:
             return path
         ensure_dir(self.model_dir)
         self._require_raw_model()
-        with self._timed("export_base"):
+        with self._timed("export_base"), self._fp32_model() as model:
             log.info("exporting %s to ONNX (torch.onnx dynamo exporter; minutes for 100M+ models)", self.name)
-            export_reference(self.loaded.model, path, opset=self.config.opset)
+            export_reference(model, path, opset=self.config.opset)
         stamp(path, self.h("base"), opset=self.config.opset, seconds=self.timings["export_base"])
         return path
 
@@ -481,9 +528,10 @@ class Pipeline:
             return ref, ref
         base = self.base_onnx()
         scales = self.act_scales()
-        model = self.prepared_model()
+        self.prepared_model()
+        plan = self.plan()  # before the FP32 export copy below: an automatic fallback computes layer-wise
         ensure_dir(self.level_dir)
-        with self._timed("export"):
+        with self._timed("export"), self._fp32_model() as model:
             if not fresh(ref, self.h("ref")) or self.force:
                 # graph only: tensors the model does not own stay in base.onnx's data until saved
                 proto = refresh_weights(load_onnx(base, load_external_data=False), model)
@@ -505,7 +553,6 @@ class Pipeline:
             crash_point("export:mid")
             if fresh(quant, self.h("quant")) and not self.force:  # ref rebuilt, the Q/DQ graph still trusted
                 return ref, quant
-            plan = self.plan()
             bmm = self._bmm_scales(ref) if self.config.quant.quantize_bmm else None
             qproto = insert_qdq(load_onnx(ref, load_external_data=False), plan, level=self.config.quant.level,
                                 bmm=bmm, base_dir=ref.parent,
@@ -645,10 +692,12 @@ class Pipeline:
                 "amax_median": vals[len(vals) // 2] if vals else None, "amax_max": vals[-1] if vals else None}
 
     def compare(self) -> dict[str, Any]:
-        """Polygraphy logits diff (engine vs ref.onnx) and perplexity of both on held-out text."""
+        """Polygraphy logits diff (engine vs ref.onnx) on the comparison windows, and a *paired*
+        comparison of both on the evaluation windows (the same tokens): perplexities, the perplexity
+        increase and the top-1 agreement, each with a 95% interval (sq2trt.stats)."""
         from .compare import compare_logits
         from .engine import session
-        from .evaluate import ort_logits_fn, perplexity
+        from .evaluate import ort_logits_fn, paired_summary, score_tokens
 
         path = self.path("compare.json")
         if self._reuse(path, "compare"):
@@ -658,21 +707,26 @@ class Pipeline:
         with self._timed("compare"):
             diff = compare_logits(ref, engine, self._windows("compare").numpy(), device=self.device)
         windows = self._windows("eval")
-        ppl = {}
+        scores = {"reference": self._cached_ref_ppl()}
         with self._timed("perplexity"):
             for which, model_path in (("reference", ref), ("engine", engine)):
-                cached = self._cached_ref_ppl() if which == "reference" else None
-                if cached is not None:
-                    ppl[which] = cached
+                if scores.get(which) is not None:
                     continue
                 bar = self._progress(f"perplexity ({which})", windows.shape[0])
                 try:
-                    ppl[which] = perplexity(ort_logits_fn(session(model_path, device=self.device)), windows,
-                                            progress=bar.update)
+                    scores[which] = score_tokens(ort_logits_fn(session(model_path, device=self.device)), windows,
+                                                 progress=bar.update)
                 finally:
                     bar.close()
+                if which == "reference":  # per-token scores, for other levels and the FP16 graph's score
+                    ref_scores = self.path("ref_eval.npz")
+                    scores[which].save(ref_scores)
+                    stamp(ref_scores, self.h("ref_ppl"))
+        paired = paired_summary(scores["reference"], scores["engine"])
+        ppl = {"reference": paired["ppl_reference"], "engine": paired["ppl_engine"]}
         result = {"logits": diff.to_dict(), "ppl": ppl,
-                  "ppl_increase": ppl["engine"] / ppl["reference"] - 1.0,
+                  "ppl_increase": paired["ppl_increase"]["value"],
+                  "paired": paired,
                   "eval_config": dict(self.config.eval.__dict__),
                   "eval": {"data": self.config.eval.data, "window": self.config.eval.window,
                            "tokens": int(windows.numel()), "windows": int(windows.shape[0])},
@@ -750,26 +804,39 @@ class Pipeline:
         except (OSError, ValueError):
             return {}
 
-    def _cached_ref_ppl(self) -> float | None:
-        """Perplexity of an identical reference (same ref.onnx, eval text by content, ORT) from another level."""
+    def _cached_ref_ppl(self):
+        """Per-token scores (sq2trt.evaluate.TokenScores) of an identical reference (same ref.onnx, eval
+        text by content, ORT) on the evaluation windows: ``<level>/ref_eval.npz`` of this or another
+        level, stamped with the ``ref_ppl`` hash; None when there is none."""
+        from .evaluate import TokenScores
+
         want = self.h("ref_ppl")
-        for cmp in self.model_dir.glob("*/compare.json"):
-            if cmp.parent == self.level_dir:
-                continue
-            try:
-                other = read_json(cmp)
-                if other.get("ref_ppl_hash") == want:
-                    return float(other["ppl"]["reference"])
-            except (KeyError, OSError, ValueError):
-                continue
+        if self.force:
+            return None
+        for npz in sorted(self.model_dir.glob("*/ref_eval.npz"), key=lambda p: p.parent != self.level_dir):
+            if fresh(npz, want):
+                try:
+                    return TokenScores.load(npz)
+                except (OSError, ValueError, KeyError):
+                    continue
         return None
 
     def report(self) -> dict[str, Any]:
+        """compare.json; for quantizing levels the per-layer diagnosis (layers.json: per-GEMM error
+        table and per-layer error plot); for levels TensorRT runs, the score of the FP16 graph TensorRT
+        is given (fp16_eval.json, sq2trt.evaluation.score_fp16); eval.json when fresh; the plots. Each
+        is a stamped artifact, reused only when its config hash matches."""
+        from .evaluation import score_fp16
         from .report import build_report, write_report
 
         cmp = self.compare()
+        fp16 = None
+        if self.report_extras:
+            if self.scheme.quantizes:
+                self.diagnose()
+            fp16 = score_fp16(self)
         extra = self._report_extras()
-        rep = build_report(self, cmp, **extra)
+        rep = build_report(self, cmp, fp16=fp16, **extra)
         write_report(rep, self.level_dir)
         return rep
 

@@ -4,7 +4,10 @@ for one model and level.
 Schema history: 1 = model, level, alpha, quant, calibration, compare, timings, environment.
 2 adds optional ``eval`` (eval.json: perplexity three ways, zero-shot tasks), ``diagnosis``
 (layers.json: per-layer / per-GEMM error, proposed fp_fallback) and ``plots`` ({name: PNG path
-relative to the report}); every version-1 key keeps its meaning."""
+relative to the report}); every version-1 key keeps its meaning. Within version 2, added keys only:
+``compare.paired`` / ``eval.paired`` (perplexity increase and top-1 agreement with 95% intervals,
+sq2trt.stats), ``fp16`` (the FP16 graph TensorRT is given, scored by ONNX Runtime) and ``resolved``
+(the quantization the run's plan really applies; ``level_description`` is written from it)."""
 from __future__ import annotations
 
 import time
@@ -16,16 +19,69 @@ from .artifacts import atomic_write_text, write_json
 SCHEMA_VERSION = 2
 
 
+def effective_weights(scheme, weight_granularity: str) -> str:
+    """The weight quantization a level applies under ``quant.weight_granularity`` (sq2trt.plan.make_plan's
+    rule: per-channel upgrades per-tensor weights, group-wise weights stay group-wise), e.g. "INT8
+    per-channel"; "float" for levels that keep weights in floating point."""
+    from .config import PerChannel, PerGroup
+
+    w = scheme.weight
+    if w is None:
+        return "float"
+    if isinstance(w, PerGroup):
+        g = str(w)
+    elif weight_granularity == "per-channel" or isinstance(w, PerChannel):
+        g = "per-channel"
+    else:
+        g = "per-tensor"
+    return f"INT{scheme.weight_bits} {g}" + ("" if scheme.weight_symmetric else " asymmetric")
+
+
+def activations_text(scheme) -> str:
+    if scheme.act is None:
+        return "float"
+    return f"{scheme.act} {'static' if scheme.act_static else 'dynamic'}"
+
+
+def resolved_quant(scheme, plan: dict[str, Any] | None, gemms_total: int | None = None) -> dict[str, Any]:
+    """What the run's quantization plan applies (not what the level's name suggests): weight types
+    as the plan's GemmQuant entries say, activation kind, GEMM counts."""
+    weights = sorted({f"INT{g.weight_bits} {g.weight_granularity}" + ("" if g.weight_symmetric else " asymmetric")
+                      for g in (plan or {}).values()}) if plan else ["float"]
+    return {"weights": ", ".join(weights), "activations": activations_text(scheme),
+            "quantized_gemms": len(plan or {}), "gemms": gemms_total}
+
+
+def describe_level(level: str, scheme, resolved: dict[str, Any], alpha: float | None) -> str:
+    """One sentence for the report's head, written from the resolved plan (sq2trt.report.resolved_quant)."""
+    if not scheme.quantizes:
+        return scheme.description or level
+    name = scheme.description.split(":", 1)[0] if ":" in scheme.description else level
+    w = resolved["weights"]
+    parts = [f"{w} weights" if w != "float" else "float weights",
+             f"{resolved['activations']} activations" if resolved["activations"] != "float" else "float activations",
+             f"smoothing (alpha {alpha:.2f})" if scheme.smooth and alpha is not None else "no smoothing"]
+    total, n = resolved.get("gemms"), resolved["quantized_gemms"]
+    if total and n < total:
+        parts.append(f"{total - n} of {total} GEMMs kept in floating point")
+    return f"{name}: " + ", ".join(parts)
+
+
 def build_report(pipe, compare: dict[str, Any], *, evaluation: dict[str, Any] | None = None,
-                 diagnosis: dict[str, Any] | None = None, plots: dict[str, str] | None = None) -> dict[str, Any]:
+                 diagnosis: dict[str, Any] | None = None, plots: dict[str, str] | None = None,
+                 fp16: dict[str, Any] | None = None) -> dict[str, Any]:
     c = pipe.config
+    plan = pipe.plan()
+    resolved = resolved_quant(pipe.scheme, plan, len(pipe.gemm_names(with_fallback=True)) if plan else None)
+    alpha = pipe.alpha if pipe.scheme.smooth else None
     return {
         "schema_version": SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {"source": c.model, "name": pipe.name, "architecture": type(pipe.loaded.model).__name__},
         "level": c.quant.level,
-        "level_description": pipe.scheme.description,
-        "alpha": pipe.alpha if pipe.scheme.smooth else None,
+        "level_description": describe_level(c.quant.level, pipe.scheme, resolved, alpha),
+        "resolved": resolved,
+        "alpha": alpha,
         "quant": c.to_dict()["quant"],
         "calibration": {"data": c.calib.data, "num_samples": c.calib.num_samples, "seq_len": c.calib.seq_len,
                         "seed": c.calib.seed},
@@ -35,6 +91,7 @@ def build_report(pipe, compare: dict[str, Any], *, evaluation: dict[str, Any] | 
         "config_hash": pipe.h("compare"),
         "eval": evaluation,
         "diagnosis": diagnosis,
+        "fp16": fp16,
         "plots": plots or {},
     }
 
@@ -59,8 +116,9 @@ def _run_settings(r: dict[str, Any]) -> str:
         parts.append("alpha per kind searched")
     if q.get("smooth_folds"):
         parts.append("smoothing folds " + "+".join(q["smooth_folds"]))
-    if q.get("weight_granularity"):
-        parts.append(f"weights {q['weight_granularity']}")
+    res = r.get("resolved")
+    if res:  # what the plan applies, so this line cannot contradict the level's description
+        parts.append(f"weights {res['weights']}")
     if q.get("act_clip"):
         parts.append(f"activation clip {q['act_clip']}")
     fb = q.get("fp_fallback") or []
@@ -68,6 +126,41 @@ def _run_settings(r: dict[str, Any]) -> str:
     if q.get("max_ppl_increase"):
         parts.append(f"automatic fallback target +{q['max_ppl_increase']:.2%}")
     return ", ".join(parts)
+
+
+def _pct_ci(d: dict[str, Any] | None, signed: bool = True) -> str:
+    if not d:
+        return "no interval"
+    f = "+.2%" if signed else ".2%"
+    return f"95% interval {format(d['lo'], f)} to {format(d['hi'], f)}"
+
+
+def _paired_rows(cmp: dict[str, Any]) -> list[str]:
+    pr = cmp.get("paired")
+    lg = cmp["logits"]
+    if not pr:
+        return [f"| perplexity increase | {cmp['ppl_increase']:+.2%} |",
+                f"| top-1 agreement with reference | {lg['top1_agreement']:.2%} ({lg['tokens']} tokens) |"]
+    inc, top = pr["ppl_increase"], pr["top1_agreement"]
+    return [f"| perplexity increase (paired, same tokens) | {inc['value']:+.2%} ({_pct_ci(inc)}; "
+            f"{inc['tokens']} tokens in {inc['blocks']} blocks) |",
+            f"| top-1 agreement with reference, evaluation text | {top['value']:.2%} ({_pct_ci(top, False)}; "
+            f"{top['tokens']} tokens) |",
+            f"| top-1 agreement with reference, comparison windows (Polygraphy) | {lg['top1_agreement']:.2%} "
+            f"({lg['tokens']} tokens) |"]
+
+
+def _fp16_rows(f: dict[str, Any] | None) -> list[str]:
+    if not f:
+        return []
+    pr = f["paired"]
+    inc, top = pr["ppl_increase"], pr["top1_agreement"]
+    subset = "" if f["windows"] == f["of_windows"] else f", first {f['windows']} of {f['of_windows']} windows"
+    return [f"| FP16 TensorRT input `{f['file']}` (ONNX Runtime CPU{subset}): perplexity | "
+            f"{pr['ppl_engine']:.3f} (reference {pr['ppl_reference']:.3f} on the same tokens) |",
+            f"| FP16 TensorRT input: perplexity increase over reference | {inc['value']:+.2%} ({_pct_ci(inc)}) |",
+            f"| FP16 TensorRT input: top-1 agreement with reference | {top['value']:.2%} ({_pct_ci(top, False)}; "
+            f"{top['tokens']} tokens) |"]
 
 
 def render_markdown(r: dict[str, Any]) -> str:
@@ -82,12 +175,12 @@ def render_markdown(r: dict[str, Any]) -> str:
         "|---|---|",
         f"| perplexity, reference (FP) | {_fmt(ppl['reference'], '.3f')} |",
         f"| perplexity, engine | {_fmt(ppl['engine'], '.3f')} |",
-        f"| perplexity increase | {cmp['ppl_increase']:+.2%} |",
+        *_paired_rows(cmp),
+        *_fp16_rows(r.get("fp16")),
         f"| logits max abs error | {_fmt(lg['max_abs'])} |",
         f"| logits mean abs error | {_fmt(lg['mean_abs'])} |",
         f"| logits max relative error (max abs / max ref) | {_fmt(lg['max_rel'])} |",
         f"| logits relative L2 error | {_fmt(lg['rel_l2'])} |",
-        f"| top-1 agreement with reference | {lg['top1_agreement']:.2%} ({lg['tokens']} tokens) |",
         f"| export check: layer-0 Q/DQ inputs differing from PyTorch fake-quant | "
         f"{_check(cmp.get('export_check'), 'act_mismatch_fraction')} |",
         f"| export check: weights-only Q/DQ graph vs fake-quant (max rel) | "
@@ -98,6 +191,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"`{r['calibration']['data']}`, {r['calibration']['num_samples']} x {r['calibration']['seq_len']} tokens, "
         f"seed {r['calibration']['seed']}.",
         "",
+        *_interval_note(cmp, r.get("fp16")),
         *_eval_markdown(r.get("eval")),
         *_diagnosis_markdown(r.get("diagnosis")),
         *[f"![{name}]({rel})" for name, rel in (r.get("plots") or {}).items()],
@@ -108,6 +202,23 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _interval_note(cmp: dict[str, Any], fp16: dict[str, Any] | None) -> list[str]:
+    pr = cmp.get("paired")
+    if not pr:
+        return []
+    note = ("Intervals: the reference and the engine score the same tokens; the perplexity increase's 95% "
+            f"interval is a {pr['ppl_increase']['method']}; top-1 agreement's is a "
+            f"{pr['top1_agreement']['method']}. The accuracy gate fails a threshold whose interval crosses it "
+            "(docs/evaluation.md).")
+    if fp16:
+        note += (f" The FP16 graph is what a strongly typed TensorRT network is built from; ONNX Runtime runs it "
+                 f"on CPU without fusions (Q/DQ semantics in FP16) in {fp16['seconds']:.0f} s"
+                 + ("" if fp16["windows"] == fp16["of_windows"] else
+                    f", on the first {fp16['windows']} evaluation windows only (sq2trt.evaluation.FP16_MAX_WINDOWS)")
+                 + ".")
+    return [note, ""]
 
 
 def write_report(r: dict[str, Any], out_dir: str | Path) -> None:
@@ -253,13 +364,21 @@ def _inline(text: str) -> str:
 
 def write_summary(reports: list[dict[str, Any]], model_dir: str | Path) -> Path:
     """``build/<model>/summary.md``: one row per level, so the report shows what smoothing buys."""
-    rows = ["| level | alpha | ppl reference | ppl engine | ppl increase | top-1 agreement | logits rel L2 |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| level | alpha | ppl reference | ppl engine | ppl increase (95% interval) | top-1 agreement "
+            "(95% interval) | logits rel L2 | FP16 TensorRT input ppl |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in reports:
         c = r["compare"]
+        pr = c.get("paired")
+        inc = (f"{c['ppl_increase']:+.2%} ({pr['ppl_increase']['lo']:+.2%} to {pr['ppl_increase']['hi']:+.2%})"
+               if pr else f"{c['ppl_increase']:+.2%}")
+        top = (f"{pr['top1_agreement']['value']:.2%} ({pr['top1_agreement']['lo']:.2%} to "
+               f"{pr['top1_agreement']['hi']:.2%})" if pr else f"{c['logits']['top1_agreement']:.2%}")
+        f16 = r.get("fp16")
+        f16s = (f"{f16['paired']['ppl_engine']:.3f} ({f16['paired']['ppl_increase']['value']:+.2%})"
+                + ("" if f16["windows"] == f16["of_windows"] else f", {f16['windows']} windows")) if f16 else "n/a"
         rows.append(f"| {r['level']} | {_fmt(r['alpha'], '.2f')} | {c['ppl']['reference']:.3f} | "
-                    f"{c['ppl']['engine']:.3f} | {c['ppl_increase']:+.2%} | "
-                    f"{c['logits']['top1_agreement']:.2%} | {c['logits']['rel_l2']:.3g} |")
+                    f"{c['ppl']['engine']:.3f} | {inc} | {top} | {c['logits']['rel_l2']:.3g} | {f16s} |")
     name = reports[0]["model"]["name"] if reports else "model"
     text = f"# sq2trt summary: {name}\n\n" + "\n".join(rows) + "\n"
     path = Path(model_dir) / "summary.md"
@@ -267,18 +386,44 @@ def write_summary(reports: list[dict[str, Any]], model_dir: str | Path) -> Path:
     return path
 
 
-def support_matrix_markdown() -> str:
-    """Level x backend table, generated from the code's own tables (README embeds this output)."""
-    from .config import BACKENDS, LEVELS, level_support
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
+
+def recipe_granularities(recipe_dir: str | Path = RECIPE_DIR) -> dict[str, str]:
+    """``{family: quant.weight_granularity}`` of the shipped recipes (each resolved through Config, so
+    a recipe that leaves it out gets the default)."""
+    from .config import Config, load_recipe
+
+    out = {}
+    for f in sorted(Path(recipe_dir).glob("*.yaml")):
+        if f.name == "thresholds.yaml":
+            continue
+        out[f.stem] = Config.from_dict(load_recipe(f)).quant.weight_granularity
+    return out
+
+
+def support_matrix_markdown(recipe_dir: str | Path = RECIPE_DIR) -> str:
+    """Level x backend table, generated from the code's own tables (README embeds this output). The
+    weights column is what sq2trt.plan.make_plan applies with the default config and, where a shipped
+    recipe changes it, with that recipe (e.g. per-channel INT8 weights in recipes/llama.yaml)."""
+    from .config import BACKENDS, LEVELS, QuantConfig, level_support
+
+    default = QuantConfig().weight_granularity
+    recipes = recipe_granularities(recipe_dir) if Path(recipe_dir).is_dir() else {}
     head = "| level | weights | activations | smoothing | " + " | ".join(BACKENDS) + " |"
     rows = [head, "|" + "---|" * (4 + len(BACKENDS))]
     for name, s in LEVELS.items():
-        act = "float" if s.act is None else f"{s.act} {'static' if s.act_static else 'dynamic'}"
+        act = activations_text(s)
         why = "dynamic activations" if s.act is not None and not s.act_static else "asymmetric weights"
         cells = ["yes" if level_support(name, b) is None else f"no ({why})" for b in BACKENDS]
-        weights = "float" if s.weight is None else (
-            f"INT{s.weight_bits} {s.weight}" + ("" if s.weight_symmetric else " asymmetric"))
+        weights = effective_weights(s, default)
+        other: dict[str, list[str]] = {}
+        for fam, g in recipes.items():
+            w = effective_weights(s, g)
+            if w != weights:
+                other.setdefault(w, []).append(fam)
+        for w, fams in other.items():
+            weights += f"; {w.split(' ', 1)[1]} in the {', '.join(fams)} recipe{'s' if len(fams) > 1 else ''}"
         smooth = ("yes, searched alpha" if s.alpha_search else "yes") if s.smooth else "no"
         rows.append(f"| {name} | {weights} | {act} | {smooth} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

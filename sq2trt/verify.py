@@ -110,7 +110,7 @@ def check_export(quant: onnx.ModelProto, ref: onnx.ModelProto, model: torch.nn.M
 
     captured: dict[str, np.ndarray] = {}  # each module's float input, before fake quantization's pre-hook
     handles = [model.get_submodule(m).register_forward_pre_hook(
-        lambda _mod, args, _m=m: captured.__setitem__(_m, args[0].detach().numpy().copy())) for m in first]
+        lambda _mod, args, _m=m: captured.__setitem__(_m, args[0].detach().float().cpu().numpy().copy())) for m in first]
     try:
         with fake_quantized(model, plan):
             want = torch_logits_fn(model)(ids)
@@ -125,6 +125,8 @@ def check_export(quant: onnx.ModelProto, ref: onnx.ModelProto, model: torch.nn.M
         mismatched += int((d > 1e-3).sum())
         max_steps = max(max_steps, float(d.max()))
         t = captured[m]
+        if t.shape != x.shape and t.size == x.numel() and t.shape[-1] == x.shape[-1]:
+            t = t.reshape(x.shape)  # GPT-2's Conv1D multiplies the (batch * tokens, channels) view
         input_rel = max(input_rel, float(np.linalg.norm(x.numpy() - t) / max(np.linalg.norm(t), 1e-12))
                         if t.shape == x.shape else float("inf"))
 

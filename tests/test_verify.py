@@ -149,3 +149,20 @@ def test_gemm_mapped_to_another_node_fails(case):
     set_metadata(bad, {"sq2trt.gemm_modules": json.dumps(mods)})
     check = check_export(bad, ref, model, plan, "model.layers.0.", ids)
     assert not check and check.act_input_rel_l2 > 0.5, str(check)
+
+
+def test_gpt2_conv1d_inputs_are_compared_in_the_graphs_layout(calib_text, eval_text, tmp_path):
+    """GPT-2's Conv1D multiplies a (batch * tokens, channels) view: the graph's GEMM input is 2-D while
+    the module receives (batch, tokens, channels). The input comparison must line the two up instead of
+    declaring them different (it did: "inputs vs PyTorch inf", exit 4 on every GPT-2 export)."""
+    from sq2trt.cli import main
+
+    args = ["--model", "random:gpt2", "--level", "O3", "--out", str(tmp_path), "--calib-data", str(calib_text),
+            "--calib-num-samples", "4", "--calib-seq-len", "64", "--eval-data", str(eval_text),
+            "--eval-max-tokens", "128", "--eval-window", "64", "--eval-compare-samples", "2",
+            "--eval-compare-seq-len", "32", "-q", "--no-resource-check"]
+    assert main(["export", *args]) == 0
+    from sq2trt.artifacts import read_meta
+
+    check = read_meta(tmp_path / "random-gpt2" / "O3" / "O3.onnx")["export_check"]
+    assert check["passed"] and 0 < check["act_input_rel_l2"] < 5e-2, check
