@@ -402,8 +402,11 @@ def _float_weight(init: onnx.TensorProto, base_dir: str | os.PathLike | None) ->
         load_external_data_for_tensor(t, str(base_dir))
         t.data_location = onnx.TensorProto.DEFAULT
         del t.external_data[:]
-        return numpy_helper.to_array(t).astype(np.float32, copy=False)
-    return numpy_helper.to_array(init).astype(np.float32, copy=False)
+        arr = numpy_helper.to_array(t)
+    else:
+        arr = numpy_helper.to_array(init)
+    arr = arr.astype(np.float32, copy=False)
+    return arr if arr.flags.writeable else arr.copy()  # a view of the tensor's bytes is read-only (torch warns)
 
 
 def _int_dtype(q: GemmQuant):

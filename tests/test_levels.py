@@ -140,7 +140,10 @@ def test_each_level_quantizes_as_its_table_row_says(level):
     must be what the support matrix (README, docs/levels.md, `sq2trt levels`) states."""
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:4]]
             for r in support_matrix_markdown().splitlines()[2:]}
-    assert [_observed_weights(level), _observed_activations(level)] == rows[level]
+    weights, activations = rows[level]
+    # with the built-in defaults; "; per-channel in the llama, ... recipes" notes what shipped recipes change
+    # (test_gate.py::test_weights_text_is_what_the_plan_applies checks those against the plan)
+    assert [_observed_weights(level), _observed_activations(level)] == [weights.split(";")[0], activations]
 
 
 def test_per_channel_option_upgrades_per_tensor_weights_only():
