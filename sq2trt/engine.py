@@ -88,7 +88,7 @@ def build_ort_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLik
     source, split, relus = Path(onnx_path), split_gemm_bias(graph), relus_to_max(graph)
     if split or relus:  # ORT reads a graph-only copy beside the original, so its external data still resolves
         source = Path(onnx_path).with_name(f".tmp-ort-{os.getpid()}-{Path(onnx_path).name}")
-        source.write_bytes(graph.SerializeToString())
+        source.write_bytes(graph.SerializeToString())  # graph only, or inline tensors < 2 GB (save_onnx's rule)
         log.info("for ONNX Runtime's INT8 fusion: %d float GEMM biases as a separate Add, %d Relu after "
                  "quantized GEMMs as Max(x, 0)", split, relus)
     try:

@@ -124,21 +124,26 @@ def skeleton(model: onnx.ModelProto, keep_bytes: int = 64 * 1024) -> onnx.ModelP
     """``model`` without the data of its large tensors (those keep name, type and shape; tensors up to
     ``keep_bytes``, such as shapes and axes, keep their values): enough for shape and type inference
     of a graph of any size, and small enough to serialize."""
+    keep = lambda t: not t.external_data and inline_bytes_of(t) <= keep_bytes  # noqa: E731
+    return _with_initializers(model, lambda t: t if keep(t) else _shape_only(t))
+
+
+def _shape_only(t: onnx.TensorProto) -> onnx.TensorProto:
+    return onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+
+
+def _with_initializers(model: onnx.ModelProto, tensor) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers are ``tensor(t)`` of its own; copied field by field (a
+    tensor over 2 GB cannot even be copied as part of its message)."""
     out = onnx.ModelProto()
-    for field, value in model.ListFields():  # field by field: a tensor over 2 GB cannot even be copied
+    for field, value in model.ListFields():
         if field.name != "graph":
             _copy_field(out, field, value)
     for field, value in model.graph.ListFields():
         if field.name != "initializer":
             _copy_field(out.graph, field, value)
     for t in model.graph.initializer:
-        small = onnx.TensorProto()
-        if not t.external_data and inline_bytes_of(t) <= keep_bytes:
-            small.CopyFrom(t)
-        else:
-            small.name, small.data_type = t.name, t.data_type
-            small.dims.extend(t.dims)
-        out.graph.initializer.append(small)
+        out.graph.initializer.append(tensor(t))
     return out
 
 
@@ -291,19 +296,7 @@ def refresh_weights(base: onnx.ModelProto, model: torch.nn.Module) -> onnx.Model
 def _without_data(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
     """``model`` with the initializers ``names`` reduced to name, type and shape (their values are read
     one at a time by :func:`_float_weight`): the Q/DQ graph is built without a copy of them."""
-    out = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            _copy_field(out, field, value)
-    for field, value in model.graph.ListFields():
-        if field.name != "initializer":
-            _copy_field(out.graph, field, value)
-    for t in model.graph.initializer:
-        if t.name in names:
-            out.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
-        else:
-            out.graph.initializer.append(t)
-    return out
+    return _with_initializers(model, lambda t: _shape_only(t) if t.name in names else t)
 
 
 def bmm_inputs(model: onnx.ModelProto) -> dict[str, list[str]]:
