@@ -236,31 +236,38 @@ def _is_gemm_module(m: torch.nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), torch.Tensor)
 
 
-def refresh_weights(base: onnx.ModelProto, model: torch.nn.Module) -> onnx.ModelProto:
-    """A copy of ``base`` (exported from this model's architecture) carrying ``model``'s current
-    weights: smoothing changes values, never the graph, so a 2-minute re-export becomes a copy.
+def _retarget(out: onnx.ModelProto, model: torch.nn.Module) -> dict[str, Any]:
+    """Point ``out`` (a copy of a base export of this model's architecture; graph-only or not) at
+    ``model``'s tensors: ``{initializer name: zero-argument function returning its new float32
+    value}``, evaluated one at a time by the caller (nothing is copied here).
 
     Parameters stored under their own name are replaced directly; the GEMM weights, which the
     exporter constant-folds into transposed initializers, are found through the node metadata.
-    Callers must verify the result against PyTorch (:func:`check_against_torch`).
     """
-    from onnx import numpy_helper
-
-    out = onnx.ModelProto()
-    out.CopyFrom(base)
-    params = {f"{WRAPPER}.{k}": v for k, v in model.state_dict().items()}
+    params = {f"{WRAPPER}.{k}": v for k, v in model.state_dict(keep_vars=True).items()}
     linears = {n: m for n, m in model.named_modules() if _is_gemm_module(m)}
     by_node = {v: k for k, v in gemm_nodes(out, list(linears), strict=False).items()}
-    new: dict[str, np.ndarray] = {}
+    sources: dict[str, tuple[tuple[int, ...], Any]] = {}  # name -> (shape, value function)
+
+    def gemm_weight(mod: torch.nn.Module, trans_b: bool):
+        out_in = tuple(mod.weight.shape) if isinstance(mod, torch.nn.Linear) else tuple(mod.weight.shape)[::-1]
+
+        def value() -> np.ndarray:
+            w = mod.weight.detach().float()  # one weight upcast at a time (FP16/BF16 storage stays as it is)
+            if not isinstance(mod, torch.nn.Linear):  # GPT-2 Conv1D: weight stored (in, out)
+                w = w.t()
+            return (w if trans_b else w.t()).contiguous().numpy()
+        return (out_in if trans_b else out_in[::-1]), value
+
+    def param(t: torch.Tensor):
+        return tuple(t.shape), lambda: t.detach().float().numpy()
+
     for node in out.graph.node:
         mod = by_node.get(node.name)
         if mod is None:
             continue
-        w = linears[mod].weight.detach().float()
-        if not isinstance(linears[mod], torch.nn.Linear):  # GPT-2 Conv1D: weight stored (in, out)
-            w = w.t()
         trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
-        new[node.input[1]] = (w if trans_b else w.t()).contiguous().numpy()
+        sources[node.input[1]] = gemm_weight(linears[mod], trans_b)
     # The exporter deduplicates equal constants (a random model's norms are all ones), so one
     # initializer named after the first parameter may feed every norm. Resolve each consumer's
     # parameter from its own module path, and give each distinct parameter its own initializer.
@@ -281,15 +288,50 @@ def refresh_weights(base: onnx.ModelProto, model: torch.nn.Module) -> onnx.Model
                     inits[owner].name = owner
                 node.input[k] = owner
     for init in out.graph.initializer:
-        val = new.get(init.name)
-        if val is None and init.name in params:
-            val = params[init.name].detach().float().numpy()
-        if val is not None:
-            if tuple(init.dims) != val.shape:
-                raise OnnxInputError(f"initializer {init.name} has shape {tuple(init.dims)}, model has "
-                                     f"{val.shape}: the base export is from another model")
-            init.CopyFrom(numpy_helper.from_array(val.astype(np.float32), init.name))
+        if init.name not in sources and init.name in params:
+            sources[init.name] = param(params[init.name])
+        if init.name in sources and tuple(init.dims) != sources[init.name][0]:
+            raise OnnxInputError(f"initializer {init.name} has shape {tuple(init.dims)}, model has "
+                                 f"{sources[init.name][0]}: the base export is from another model")
+    return {name: value for name, (_, value) in sources.items()}
+
+
+def refresh_weights(base: onnx.ModelProto, model: torch.nn.Module) -> onnx.ModelProto:
+    """A copy of ``base`` (exported from this model's architecture) carrying ``model``'s current
+    weights in memory: smoothing changes values, never the graph, so a 2-minute re-export becomes a
+    copy. For graphs of real size use :func:`write_reference`, which never holds them all.
+    Callers must verify the result against PyTorch (:func:`check_against_torch`).
+    """
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(base)
+    sources = _retarget(out, model)
+    for init in out.graph.initializer:
+        if init.name in sources:
+            init.CopyFrom(numpy_helper.from_array(sources[init.name]().astype(np.float32, copy=False), init.name))
     return out
+
+
+def write_reference(base: onnx.ModelProto, model: torch.nn.Module, path: str | os.PathLike, *,
+                    base_dir: str | os.PathLike | None = None) -> None:
+    """Save ``base``'s graph carrying ``model``'s current weights to ``path``, streamed: each weight
+    is upcast to float32 (and transposed, for GEMMs) only when the writer reaches it, written to the
+    external data file and dropped, so peak memory is one tensor, whatever the model's size or its
+    stored dtype. ``base`` may be graph-only; tensors the model does not own (rotary tables, constants)
+    are read from ``base_dir``. Callers must verify the result (:func:`check_against_torch`)."""
+    import onnx_ir as ir
+
+    out = onnx.ModelProto()
+    out.CopyFrom(base)  # the graph (``base`` read with load_external_data=False): small
+    sources = _retarget(out, model)
+    irm = ir.serde.deserialize_model(out)
+    for name, value in sources.items():
+        v = irm.graph.initializers[name]
+        old = v.const_value
+        v.const_value = ir.LazyTensor((lambda f: lambda: ir.tensor(f()))(value), dtype=ir.DataType.FLOAT,
+                                      shape=ir.Shape(list(old.shape)), name=name)
+    save_onnx(irm, path, base_dir=base_dir, external=None)
 
 
 # --------------------------------------------------------------------------- Q/DQ insertion

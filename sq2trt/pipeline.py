@@ -517,7 +517,7 @@ class Pipeline:
 
     def export(self) -> tuple[Path, Path]:
         """ref.onnx (this level's weights, no Q/DQ) and <level>.onnx (Q/DQ), from the same graph."""
-        from .export import check_against_torch, insert_qdq, load_onnx, refresh_weights, save_onnx
+        from .export import check_against_torch, insert_qdq, load_onnx, save_onnx, write_reference
         from .plan import make_plan
 
         ref = self.path("ref.onnx")
@@ -529,19 +529,23 @@ class Pipeline:
         base = self.base_onnx()
         scales = self.act_scales()
         self.prepared_model()
-        plan = self.plan()  # before the FP32 export copy below: an automatic fallback computes layer-wise
+        plan = self.plan()
         ensure_dir(self.level_dir)
-        with self._timed("export"), self._fp32_model() as model:
+        # The model as stored (FP16/BF16 stays so; sq2trt.onload computes its forwards in FP32 one layer
+        # at a time): the reference's weights are streamed to its data file one tensor at a time and no
+        # whole-model FP32 copy is made here.
+        model = self.loaded.model
+        with self._timed("export"):
             if not fresh(ref, self.h("ref")) or self.force:
                 # graph only: tensors the model does not own stay in base.onnx's data until saved
-                proto = refresh_weights(load_onnx(base, load_external_data=False), model)
-                save_onnx(proto, ref, base_dir=base.parent)
+                write_reference(load_onnx(base, load_external_data=False), model, ref, base_dir=base.parent)
                 err = check_against_torch(model, ref)
                 if err > 1e-4:
                     log.warning("weight refresh of %s differs from PyTorch by %.2e; exporting afresh", ref, err)
                     from .export import export_reference
 
-                    export_reference(model, ref, opset=self.config.opset)
+                    with self._fp32_model() as m:
+                        export_reference(m, ref, opset=self.config.opset)
                     err = check_against_torch(model, ref)
                 if err > 1e-4:
                     raise RuntimeError(f"exported {ref} differs from PyTorch by {err:.2e} (relative) > 1e-4")
