@@ -238,8 +238,9 @@ def _is_gemm_module(m: torch.nn.Module) -> bool:
 
 def _retarget(out: onnx.ModelProto, model: torch.nn.Module) -> dict[str, Any]:
     """Point ``out`` (a copy of a base export of this model's architecture; graph-only or not) at
-    ``model``'s tensors: ``{initializer name: zero-argument function returning its new float32
-    value}``, evaluated one at a time by the caller (nothing is copied here).
+    ``model``'s tensors: ``{initializer name: (stored dtype, zero-argument function returning its new
+    value)}``, a CPU tensor in the model's stored dtype laid out as the graph reads it, evaluated one
+    at a time by the caller (nothing is copied here).
 
     Parameters stored under their own name are replaced directly; the GEMM weights, which the
     exporter constant-folds into transposed initializers, are found through the node metadata.
@@ -247,20 +248,20 @@ def _retarget(out: onnx.ModelProto, model: torch.nn.Module) -> dict[str, Any]:
     params = {f"{WRAPPER}.{k}": v for k, v in model.state_dict(keep_vars=True).items()}
     linears = {n: m for n, m in model.named_modules() if _is_gemm_module(m)}
     by_node = {v: k for k, v in gemm_nodes(out, list(linears), strict=False).items()}
-    sources: dict[str, tuple[tuple[int, ...], Any]] = {}  # name -> (shape, value function)
+    sources: dict[str, tuple[tuple[int, ...], torch.dtype, Any]] = {}  # name -> (shape, dtype, value function)
 
     def gemm_weight(mod: torch.nn.Module, trans_b: bool):
         out_in = tuple(mod.weight.shape) if isinstance(mod, torch.nn.Linear) else tuple(mod.weight.shape)[::-1]
 
-        def value() -> np.ndarray:
-            w = mod.weight.detach().float()  # one weight upcast at a time (FP16/BF16 storage stays as it is)
+        def value() -> torch.Tensor:
+            w = mod.weight.detach().cpu()
             if not isinstance(mod, torch.nn.Linear):  # GPT-2 Conv1D: weight stored (in, out)
                 w = w.t()
-            return (w if trans_b else w.t()).contiguous().numpy()
-        return (out_in if trans_b else out_in[::-1]), value
+            return (w if trans_b else w.t()).contiguous()
+        return (out_in if trans_b else out_in[::-1]), mod.weight.dtype, value
 
     def param(t: torch.Tensor):
-        return tuple(t.shape), lambda: t.detach().float().numpy()
+        return tuple(t.shape), t.dtype, lambda: t.detach().cpu()
 
     for node in out.graph.node:
         mod = by_node.get(node.name)
@@ -293,7 +294,8 @@ def _retarget(out: onnx.ModelProto, model: torch.nn.Module) -> dict[str, Any]:
         if init.name in sources and tuple(init.dims) != sources[init.name][0]:
             raise OnnxInputError(f"initializer {init.name} has shape {tuple(init.dims)}, model has "
                                  f"{sources[init.name][0]}: the base export is from another model")
-    return {name: value for name, (_, value) in sources.items()}
+    # a GEMM reading a non-constant weight (a tied lm_head reads Transpose(embedding)) gets it from its source
+    return {name: (dtype, value) for name, (_, dtype, value) in sources.items() if name in inits}
 
 
 def refresh_weights(base: onnx.ModelProto, model: torch.nn.Module) -> onnx.ModelProto:
@@ -309,28 +311,97 @@ def refresh_weights(base: onnx.ModelProto, model: torch.nn.Module) -> onnx.Model
     sources = _retarget(out, model)
     for init in out.graph.initializer:
         if init.name in sources:
-            init.CopyFrom(numpy_helper.from_array(sources[init.name]().astype(np.float32, copy=False), init.name))
+            init.CopyFrom(numpy_helper.from_array(sources[init.name][1]().float().numpy(), init.name))
     return out
 
 
+STORED = "__stored"  # suffix of a weight initializer kept in its stored FP16/BF16 and cast to float32 in the graph
+_LOW = {torch.float16: onnx.TensorProto.FLOAT16, torch.bfloat16: onnx.TensorProto.BFLOAT16}
+
+
+def stored_casts(graph: onnx.GraphProto) -> dict[str, str]:
+    """``{float32 tensor: stored initializer}`` for the ``Cast`` nodes :func:`write_reference` puts in
+    front of weights kept in their stored FP16/BF16."""
+    inits = {t.name for t in graph.initializer}
+    return {n.output[0]: n.input[0] for n in graph.node
+            if n.op_type == "Cast" and len(n.input) == 1 and n.input[0] in inits and n.input[0].endswith(STORED)}
+
+
+def _unstore(out: onnx.ModelProto) -> set[str]:
+    """Undo :func:`write_reference`'s stored casts in ``out`` (a graph-only copy): each stored
+    initializer becomes the float32 initializer it was cast to, without data (the caller supplies all
+    of them). Returns their names."""
+    casts = stored_casts(out.graph)
+    if not casts:
+        return set()
+    by_stored = {v: k for k, v in casts.items()}
+    for init in out.graph.initializer:
+        if init.name in by_stored:
+            init.CopyFrom(onnx.TensorProto(name=by_stored[init.name], data_type=onnx.TensorProto.FLOAT,
+                                           dims=init.dims))
+    keep = [n for n in out.graph.node if not (n.op_type == "Cast" and n.output[0] in casts and len(n.input) == 1
+                                              and n.input[0] == casts[n.output[0]])]
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    return set(casts)
+
+
+def _ir_tensor(t: torch.Tensor):
+    import onnx_ir as ir
+
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return ir.tensor(t.contiguous().view(torch.uint16).numpy().view(ml_dtypes.bfloat16))
+    return ir.tensor(t.contiguous().numpy())
+
+
 def write_reference(base: onnx.ModelProto, model: torch.nn.Module, path: str | os.PathLike, *,
-                    base_dir: str | os.PathLike | None = None) -> None:
+                    base_dir: str | os.PathLike | None = None, keep_stored: bool = True) -> None:
     """Save ``base``'s graph carrying ``model``'s current weights to ``path``, streamed: each weight
-    is upcast to float32 (and transposed, for GEMMs) only when the writer reaches it, written to the
-    external data file and dropped, so peak memory is one tensor, whatever the model's size or its
-    stored dtype. ``base`` may be graph-only; tensors the model does not own (rotary tables, constants)
-    are read from ``base_dir``. Callers must verify the result (:func:`check_against_torch`)."""
+    is read (and transposed, for GEMMs) only when the writer reaches it, written to the external data
+    file and dropped, so peak memory is one tensor, whatever the model's size. ``base`` may be
+    graph-only; tensors the model does not own (rotary tables, constants) are read from ``base_dir``.
+
+    The graph computes in float32. With ``keep_stored`` a weight stored in FP16/BF16 is written as
+    it is stored, followed by a ``Cast`` to float32 (its initializer named ``<name>__stored``): the
+    same float32 values at half the bytes on disk; ONNX Runtime folds the Cast when it loads the
+    graph, TensorRT at build time. Float32 weights are written as they are (the graph is then the
+    one :func:`refresh_weights` makes). Callers must verify the result (:func:`check_against_torch`)."""
     import onnx_ir as ir
 
     out = onnx.ModelProto()
     out.CopyFrom(base)  # the graph (``base`` read with load_external_data=False): small
+    unstored = _unstore(out)
     sources = _retarget(out, model)
+    missing = unstored - set(sources)
+    if missing:
+        raise OnnxInputError(f"{sorted(missing)[:3]} (of {len(missing)}) have no tensor in the model: the base "
+                             "export is from another model")
+    dtypes = {name: dtype for name, (dtype, _) in sources.items()}
+    casts = []
+    for init in out.graph.initializer:
+        low = _LOW.get(dtypes.get(init.name)) if keep_stored else None
+        if low is None:
+            continue
+        name = init.name
+        init.CopyFrom(onnx.TensorProto(name=name + STORED, data_type=low, dims=init.dims))
+        casts.append(onnx.helper.make_node("Cast", [name + STORED], [name], name=f"{name}/StoredCast",
+                                           to=onnx.TensorProto.FLOAT))
+    if casts:
+        nodes = casts + list(out.graph.node)
+        del out.graph.node[:]
+        out.graph.node.extend(nodes)
     irm = ir.serde.deserialize_model(out)
-    for name, value in sources.items():
-        v = irm.graph.initializers[name]
-        old = v.const_value
-        v.const_value = ir.LazyTensor((lambda f: lambda: ir.tensor(f()))(value), dtype=ir.DataType.FLOAT,
-                                      shape=ir.Shape(list(old.shape)), name=name)
+    for name, (_, value) in sources.items():
+        key = name + STORED if (keep_stored and dtypes[name] in _LOW) else name
+        v = irm.graph.initializers[key]
+
+        def make(f=value, low=key != name):
+            t = f()
+            return _ir_tensor(t if low else t.float())
+        dtype = ir.DataType(_LOW[dtypes[name]]) if key != name else ir.DataType.FLOAT
+        v.const_value = ir.LazyTensor(make, dtype=dtype, shape=ir.Shape(list(v.shape)), name=key)
     save_onnx(irm, path, base_dir=base_dir, external=None)
 
 
@@ -344,7 +415,7 @@ def _without_data(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
 def bmm_inputs(model: onnx.ModelProto) -> dict[str, list[str]]:
     """Attention BMMs (Q·Kᵀ and softmax·V): MatMuls with no constant input, inside decoder layers.
     ``{node name: [input tensor names]}``."""
-    consts = {i.name for i in model.graph.initializer}
+    consts = {i.name for i in model.graph.initializer} | set(stored_casts(model.graph))
     consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     out = {}
     for node in model.graph.node:
@@ -511,7 +582,9 @@ def insert_qdq(ref: onnx.ModelProto, plan: dict[str, GemmQuant], *, level: str,
     # The planned GEMMs' float weights are read one at a time below, straight from ``ref``'s
     # initializers (external data from ``base_dir``), and only their integer form is kept: peak
     # memory is one float weight plus the integer weights, not every float weight at once.
-    planned = {n.input[1] for n in ref.graph.node if n.name in set(nodes.values())}
+    # a weight kept in its stored FP16/BF16 (write_reference) is read through its Cast
+    stored = stored_casts(ref.graph)
+    planned = {stored.get(n.input[1], n.input[1]) for n in ref.graph.node if n.name in set(nodes.values())}
     float_inits = {t.name: t for t in ref.graph.initializer if t.name in planned}
     graph = gs.import_onnx(_without_data(ref, planned))
     by_name = {n.name: n for n in graph.nodes}
@@ -522,6 +595,8 @@ def insert_qdq(ref: onnx.ModelProto, plan: dict[str, GemmQuant], *, level: str,
         safe = module.replace(".", "_")
         # -- weight: constant B, stored [K, N] (MatMul, Gemm transB=0) or [N, K] (Gemm transB=1)
         w = node.inputs[1]
+        if w.name in stored and w.inputs and w.inputs[0].op == "Cast":
+            w = w.inputs[0].inputs[0]
         if not isinstance(w, gs.Constant) or w.name not in float_inits:
             raise OnnxInputError(f"{node.name} ({module}): weight input is not a constant")
         trans_b = node.op == "Gemm" and int(node.attrs.get("transB", 0)) == 1

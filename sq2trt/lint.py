@@ -235,7 +235,8 @@ def _tensor_dtype(tensor: gs.Tensor) -> int | None:
 
 
 def _is_constant(tensor: gs.Tensor, depth: int = 0) -> bool:
-    """True for an initializer or the output of a Constant node (through Identity)."""
+    """True for an initializer or the output of a Constant node (through Identity or Cast: a weight kept
+    in its stored FP16/BF16 and cast to float32 in the graph is still a build-time constant)."""
     if isinstance(tensor, gs.Constant):
         return True
     prod = _producer(tensor)
@@ -243,7 +244,7 @@ def _is_constant(tensor: gs.Tensor, depth: int = 0) -> bool:
         return False
     if prod.op == "Constant":
         return True
-    if prod.op == "Identity" and prod.inputs:
+    if prod.op in ("Identity", "Cast") and prod.inputs:
         return _is_constant(prod.inputs[0], depth + 1)
     return False
 

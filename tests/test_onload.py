@@ -310,3 +310,74 @@ def test_dtype_flag_reaches_the_config():
 
     args = build_parser().parse_args(["export", "--model", "random:llama", "--dtype", "float16"])
     assert config_from_args(args).dtype == "float16"
+
+
+# --------------------------------------------------------------------------- references kept as stored
+@pytest.mark.parametrize("name,dtype", [("llama", torch.float16), ("opt", torch.float16), ("gpt2", torch.float16),
+                                        ("llama", torch.bfloat16)])
+def test_reference_keeps_weights_as_stored_and_computes_the_model(name, dtype, tmp_path):
+    """write_reference on an FP16/BF16 model: every weight the model owns is written in its stored dtype
+    (half the bytes of FP32) and cast to float32 in the graph, the graph computes what PyTorch does, a base
+    written that way can be retargeted again, and Q/DQ insertion reads the weights through their Casts."""
+    import numpy as np
+    import onnx
+
+    from sq2trt.export import (STORED, check_against_torch, export_reference, insert_qdq, load_onnx,
+                               stored_casts, write_reference)
+    from sq2trt.lint import lint_model
+
+    model = _half_model(name, dtype)
+    arch = get_arch(model)
+    with fp32_cpu(model):
+        pass
+    lw = Layerwise(model, arch, "cpu").attach()
+    with lw.suspended_fp32_cpu() as m:
+        export_reference(m, tmp_path / "fp32.onnx")
+    write_reference(load_onnx(tmp_path / "fp32.onnx", load_external_data=False), model, tmp_path / "base.onnx",
+                    base_dir=tmp_path)
+    assert check_against_torch(model, tmp_path / "base.onnx") < 1e-4
+    g = load_onnx(tmp_path / "base.onnx")
+    casts = stored_casts(g.graph)
+    low = {onnx.TensorProto.FLOAT16 if dtype == torch.float16 else onnx.TensorProto.BFLOAT16}
+    stored = [t for t in g.graph.initializer if t.name.endswith(STORED)]
+    assert {t.data_type for t in stored} == low and len(casts) == len(stored)
+    gemm_weights = [n.input[1] for n in g.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in casts]
+    names = quantized_linear_names(model, arch)
+    assert len(gemm_weights) >= len(names)  # every quantizable GEMM reads a stored weight
+    big_fp32 = [t.name for t in g.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) > 4096]
+    assert not big_fp32, big_fp32  # nothing the model owns is left as FP32 (rotary tables are small)
+
+    # a base written this way is a valid base for the next reference (smoothing rewrites it per level)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.0 + 2.0 ** -6)
+    write_reference(load_onnx(tmp_path / "base.onnx", load_external_data=False), model, tmp_path / "ref.onnx",
+                    base_dir=tmp_path)
+    assert check_against_torch(model, tmp_path / "ref.onnx") < 1e-4
+
+    # Q/DQ from the stored weights: the same INT8 weights as from the FP32 graph, and TensorRT's rules hold
+    ids = _ids(2, 17).numpy()
+    amax = {k: float(v.abs().max()) for k, v in collect(model, names, _ids(2, 17), per_channel_absmax).items()}
+    plan = make_plan(names, QuantConfig(level="O3"), amax, layout=arch.layout.value)
+    q_stored = insert_qdq(load_onnx(tmp_path / "ref.onnx", load_external_data=False), plan, level="O3",
+                          base_dir=tmp_path)
+    assert not [n for n in q_stored.graph.node if n.op_type == "Cast" and n.output[0] in gemm_weights[:len(names)]
+                and n.output[0] in {x for x in casts if any(x == nn.input[1] for nn in q_stored.graph.node)}]
+    with lw.suspended_fp32_cpu() as m:
+        export_reference(m, tmp_path / "ref32.onnx")
+    q_fp32 = insert_qdq(load_onnx(tmp_path / "ref32.onnx"), plan, level="O3")
+    ints = lambda q: {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer  # noqa: E731
+                      if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("weight_int8")}
+    a, b = ints(q_stored), ints(q_fp32)
+    assert a.keys() == b.keys() and len(a) == len(names)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    from sq2trt.export import save_onnx
+
+    save_onnx(q_stored, tmp_path / "O3.onnx", base_dir=tmp_path)
+    assert lint_model(tmp_path / "O3.onnx")
+    import onnxruntime as ort
+
+    out = ort.InferenceSession(str(tmp_path / "O3.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids.astype(np.int64)})[0]
+    assert np.isfinite(out).all()
+    lw.detach()
