@@ -552,8 +552,10 @@ class Pipeline:
         # The model as stored (FP16/BF16 stays so; sq2trt.onload computes its forwards in FP32 one layer
         # at a time): the reference's weights are streamed to its data file one tensor at a time and no
         # whole-model FP32 copy is made here.
+        from .onload import compute_on
+
         model = self.loaded.model
-        with self._timed("export"):
+        with self._timed("export"), compute_on(model, "cpu"):  # checked against ORT on the CPU (compute_on)
             if not fresh(ref, self.h("ref")) or self.force:
                 # graph only: tensors the model does not own stay in base.onnx's data until saved
                 write_reference(load_onnx(base, load_external_data=False), model, ref, base_dir=base.parent)
@@ -616,10 +618,12 @@ class Pipeline:
         """Verify the Q/DQ graph against PyTorch fake quantization (see sq2trt.verify); a failure
         means the export is wrong, not that INT8 is inexact, and removes the graph."""
         from .errors import ExportMismatchError
+        from .onload import compute_on
         from .verify import check_export_files
 
         ids = self._windows("compare")[:2, :64].numpy()
-        check = check_export_files(quant, ref, self.loaded.model, plan, f"{self.arch.layers}.0.", ids)
+        with compute_on(self.loaded.model, "cpu") as model:  # ORT runs the graphs on the CPU: same arithmetic
+            check = check_export_files(quant, ref, model, plan, f"{self.arch.layers}.0.", ids)
         log.info("export check: %s", check)
         if not check:
             quant.unlink(missing_ok=True)

@@ -328,8 +328,6 @@ def test_reference_keeps_weights_as_stored_and_computes_the_model(name, dtype, t
 
     model = _half_model(name, dtype)
     arch = get_arch(model)
-    with fp32_cpu(model):
-        pass
     lw = Layerwise(model, arch, "cpu").attach()
     with lw.suspended_fp32_cpu() as m:
         export_reference(m, tmp_path / "fp32.onnx")
@@ -361,8 +359,10 @@ def test_reference_keeps_weights_as_stored_and_computes_the_model(name, dtype, t
     plan = make_plan(names, QuantConfig(level="O3"), amax, layout=arch.layout.value)
     q_stored = insert_qdq(load_onnx(tmp_path / "ref.onnx", load_external_data=False), plan, level="O3",
                           base_dir=tmp_path)
-    assert not [n for n in q_stored.graph.node if n.op_type == "Cast" and n.output[0] in gemm_weights[:len(names)]
-                and n.output[0] in {x for x in casts if any(x == nn.input[1] for nn in q_stored.graph.node)}]
+    producers = {o: n.op_type for n in q_stored.graph.node for o in n.output}
+    quantized = [n for n in q_stored.graph.node if n.op_type in ("MatMul", "Gemm")
+                 and producers.get(n.input[1]) == "DequantizeLinear"]
+    assert len(quantized) == len(names)  # each planned GEMM's stored weight became INT8 -> DequantizeLinear
     with lw.suspended_fp32_cpu() as m:
         export_reference(m, tmp_path / "ref32.onnx")
     q_fp32 = insert_qdq(load_onnx(tmp_path / "ref32.onnx"), plan, level="O3")
@@ -380,4 +380,21 @@ def test_reference_keeps_weights_as_stored_and_computes_the_model(name, dtype, t
     out = ort.InferenceSession(str(tmp_path / "O3.onnx"), providers=["CPUExecutionProvider"]).run(
         None, {"input_ids": ids.astype(np.int64)})[0]
     assert np.isfinite(out).all()
+    lw.detach()
+
+
+def test_compute_on_moves_the_compute_device_for_the_block_only():
+    from sq2trt.onload import compute_on
+
+    model = _half_model("llama")
+    plain = load_model("random:llama").model
+    with compute_on(plain, "cpu") as m:  # no Layerwise: the model itself, untouched
+        assert m is plain and active(plain) is None
+    lw = Layerwise(model, get_arch(model), "cpu").attach()
+    lw.device = torch.device("meta")  # stands in for a GPU: any device other than the CPU
+    with compute_on(model, "cpu") as m:
+        assert m is model and lw.device == torch.device("cpu")
+        logits = m(input_ids=_ids()).logits  # computes (a meta device could not)
+        assert torch.isfinite(logits).all()
+    assert lw.device == torch.device("meta")
     lw.detach()
