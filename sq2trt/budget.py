@@ -24,15 +24,20 @@ them in one place. Each says where it comes from:
   polygraphy imported is 0.28 GiB RSS (measured); the rest is room for tokenized text, ONNX
   Runtime's arenas and activations.
 - Disk, per artifact, from what each file holds (``sq2trt.pipeline``'s layout): ``base.onnx`` once
-  per model and every level's ``ref.onnx`` are full FP32 copies (``FP32_BYTES`` per parameter); a
-  quantizing level's ``<level>.onnx`` stores its GEMM weights at the level's bit width (plus FP32
-  group scales for group-wise levels) and everything else in FP32; the ONNX Runtime engine
-  ``<level>.ort.onnx`` is the optimized copy of that graph, the same size; for TensorRT,
+  per model and every level's ``ref.onnx`` are full copies at the weights' stored precision
+  (:func:`stored_bytes`: 2 bytes per parameter for an FP16/BF16 checkpoint, 4 for FP32;
+  ``sq2trt.export.write_reference``); a quantizing level's ``<level>.onnx`` stores its GEMM weights at
+  the level's bit width (plus FP32 group scales for group-wise levels) and everything else as stored;
+  the ONNX Runtime engine ``<level>.ort.onnx`` is the optimized copy of that graph with every float
+  weight in FP32 (ORT folds the casts; measured on random OPT-1.3B FP16: base.onnx and ref.onnx 2.64 GB,
+  fp.ort.onnx 5.28 GB, O3.onnx 1.52 GB, O3.ort.onnx 1.91 GB; docs/scale.md); for TensorRT,
   ``<level>.fp16.onnx`` holds the non-GEMM weights in FP16 and the ``.plan`` is about as large.
-  ``TIED_STORED_TWICE``: a tied input embedding / lm_head is one tensor in ``base.onnx`` but two in
-  every ``ref.onnx`` and the graphs made from it (measured: a 2-layer OPT-125m-shaped checkpoint,
-  54.4 M parameters of which 38.6 M are the tied embedding, wrote base.onnx 207 MiB, ref.onnx 355 MiB,
-  O3.onnx 314 MiB; this model gives 207, 355 and 314 MiB). Files already under ``<out>/<model>/``
+  ``TIED_STORED_TWICE``: a tied input embedding / lm_head is one tensor in ``base.onnx``, every
+  ``ref.onnx`` and the Q/DQ graph (``sq2trt.export`` keeps tied parameters one initializer), but two in
+  the ONNX Runtime engine, whose optimizer folds lm_head's transpose of it into a second constant
+  (tests/test_checkpoints.py holds every file ``sq2trt export`` writes for a 1-layer OPT-125m-shaped FP16
+  checkpoint, 47.3 M parameters of which 38.6 M are the tied embedding, within 2% of this estimate;
+  base.onnx and ref.onnx are 94.5 MB there). Files already under ``<out>/<model>/``
   count as available (a rerun reuses or replaces them). Not counted: the FP32 copy a GGUF file is
   converted into under ``$SQ2TRT_CACHE``.
 - GPU (only where torch sees a CUDA device and ``--device`` is not cpu):
@@ -205,6 +210,20 @@ def _weight_bytes_per_param(scheme: Any, float_bytes: int) -> float:
     return scheme.weight_bits / 8 + group
 
 
+def stored_bytes(config: Any, model_cfg: Any) -> int:
+    """Bytes per float weight as the pipeline keeps it (sq2trt.models.load_model's precision rule):
+    ``--dtype`` when given; for ``auto``, a Hugging Face directory's or ``random:<config.json>``'s own
+    ``torch_dtype``/``dtype``, FP32 for a GGUF file and the built-in ``random:<name>`` models."""
+    name = getattr(config, "dtype", "auto") or "auto"
+    if name == "auto":
+        spec = str(config.model)
+        if spec.endswith(".gguf") or (spec.startswith("random:") and not spec.endswith(".json")):
+            return FP32_BYTES
+        declared = getattr(model_cfg, "dtype", None) or getattr(model_cfg, "torch_dtype", None)
+        name = str(declared or "float32").replace("torch.", "")
+    return FP16_BYTES if name in ("float16", "bfloat16") else FP32_BYTES
+
+
 def estimate(config: Any, levels: Sequence[str], artifacts: Sequence[str] = ("onnx", "engine")) -> Estimate:
     """Peak host RAM, GPU memory and disk for running ``levels`` of ``config.model`` (a
     :class:`sq2trt.config.Config`), writing ``artifacts``, what the command makes: "onnx" (base.onnx,
@@ -214,20 +233,21 @@ def estimate(config: Any, levels: Sequence[str], artifacts: Sequence[str] = ("on
 
     cfg = model_config(config.model, config.trust_remote_code)
     n = count_params(cfg, config.quant.fp_fallback, trust_remote_code=config.trust_remote_code)
-    other = n.total - n.gemm + (n.tied if TIED_STORED_TWICE else 0)  # float weights of every graph but base.onnx
+    other = n.total - n.gemm  # float weights of base, references and Q/DQ graphs (tied ones once)
+    twice = n.tied if TIED_STORED_TWICE else 0  # ... and in ONNX Runtime's engine, where tied ones are twice
     disk: dict[str, int] = {}
+    sb = stored_bytes(config, cfg)
     if artifacts:
-        disk["base.onnx"] = FP32_BYTES * n.total
+        disk["base.onnx"] = sb * n.total
     for level in dict.fromkeys(levels):
         scheme = get_level(level)
-        graph = FP32_BYTES * (n.gemm + other)
         if "onnx" in artifacts:
-            disk[f"{level}/ref.onnx"] = graph
+            disk[f"{level}/ref.onnx"] = sb * (n.gemm + other)
             if scheme.quantizes:
-                graph = int(_weight_bytes_per_param(scheme, FP32_BYTES) * n.gemm) + FP32_BYTES * other
-                disk[f"{level}/{level}.onnx"] = graph
-        if "engine" in artifacts:
-            disk[f"{level}/{level}.ort.onnx"] = graph
+                disk[f"{level}/{level}.onnx"] = int(_weight_bytes_per_param(scheme, sb) * n.gemm) + sb * other
+        if "engine" in artifacts:  # ORT folds the casts of stored weights: FP32 in the engine
+            disk[f"{level}/{level}.ort.onnx"] = (int(_weight_bytes_per_param(scheme, FP32_BYTES) * n.gemm)
+                                                 + FP32_BYTES * (other + twice))
         fp16 = int(_weight_bytes_per_param(scheme, FP16_BYTES) * n.gemm) + FP16_BYTES * other
         if "fp16" in artifacts:
             disk[f"{level}/{level}.fp16.onnx"] = fp16

@@ -282,7 +282,7 @@ def _retarget(out: onnx.ModelProto, model: torch.nn.Module) -> dict[str, Any]:
         for node, k in consumers.get(name, []):
             owner = next((f"{WRAPPER}.{m}.{attr}" for m in reversed(_module_paths(node))
                           if f"{WRAPPER}.{m}.{attr}" in params), name)
-            if owner != name:
+            if owner != name and params[owner] is not params[name]:  # tied parameters stay one tensor
                 if owner not in inits:
                     inits[owner] = out.graph.initializer.add(name=owner)
                     inits[owner].CopyFrom(inits[name])

@@ -137,11 +137,24 @@ def test_opt_1_3b_estimate_in_range(tmp_path, no_weights):
     assert 17 * budget.GIB < est.ram_bytes < 20 * budget.GIB
     assert set(est.disk) == {"base.onnx", "fp/ref.onnx", "fp/fp.ort.onnx", "O3/ref.onnx", "O3/O3.onnx",
                              "O3/O3.ort.onnx"}
-    assert est.params.tied == 50272 * 2048  # OPT ties lm_head to the embedding: once in RAM, twice in ref.onnx
-    fp32 = 4 * (est.params.total + est.params.tied)
-    assert est.disk["base.onnx"] == 4 * est.params.total
-    assert est.disk["O3/ref.onnx"] == fp32 and est.disk["fp/fp.ort.onnx"] == fp32
-    assert est.disk["O3/O3.onnx"] == est.params.gemm + 4 * (est.params.total - est.params.gemm + est.params.tied)
+    assert est.params.tied == 50272 * 2048  # OPT ties lm_head to the embedding: once in RAM and every graph
+    fp32 = 4 * est.params.total
+    other = est.params.total - est.params.gemm
+    assert est.disk["base.onnx"] == fp32 and est.disk["O3/ref.onnx"] == fp32
+    assert est.disk["O3/O3.onnx"] == est.params.gemm + 4 * other
+    # ONNX Runtime's engine: lm_head's transpose of the tied embedding folded into a second constant
+    assert est.disk["fp/fp.ort.onnx"] == fp32 + 4 * est.params.tied
+    assert est.disk["O3/O3.ort.onnx"] == est.disk["O3/O3.onnx"] + 4 * est.params.tied
+    # an FP16 checkpoint keeps its weights as stored in base.onnx, every ref.onnx and the Q/DQ graph (half the
+    # bytes); ONNX Runtime's engine folds the casts back to FP32
+    half = budget.estimate(config.replace(dtype="float16"), ["fp", "O3"])
+    assert half.disk["base.onnx"] == half.disk["O3/ref.onnx"] == fp32 // 2
+    assert half.disk["O3/O3.onnx"] == est.params.gemm + 2 * other
+    assert half.disk["fp/fp.ort.onnx"] == est.disk["fp/fp.ort.onnx"]
+    assert half.disk["O3/O3.ort.onnx"] == est.disk["O3/O3.ort.onnx"]
+    declared = tmp_path / "opt-1.3b-fp16.json"
+    declared.write_text(json.dumps({**SHAPES["opt-1.3b"], "torch_dtype": "float16"}))  # as checkpoints writes
+    assert budget.estimate(Config(model=f"random:{declared}"), ["O3"]).disk["base.onnx"] == 2 * est.params.total
     trt = budget.estimate(config, ["O3"], ("onnx", "fp16", "plan"))
     assert trt.disk["O3/O3.fp16.onnx"] == trt.disk["O3/O3.plan"] < est.disk["O3/O3.onnx"]
     w4 = budget.estimate(config, ["W4A16"], ("onnx",))
