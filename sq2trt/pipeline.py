@@ -279,10 +279,9 @@ class Pipeline:
 
     @contextmanager
     def _fp32_model(self) -> Iterator[torch.nn.Module]:
-        """The in-memory model (as it is now: smoothed or not) as a hook-free FP32 CPU model, for the
-        ONNX exporter and its checks; stored back in its own dtype afterwards (exact). For now the
-        exporter needs this FP32 copy (made here, at export time only, freed after); part 3 of issue
-        #11 replaces it with an FP16 reference and INT8 weights written straight from the stored ones."""
+        """The in-memory model (as it is now: smoothed or not) as a hook-free FP32 CPU model for the
+        dynamo exporter's trace (``base_onnx``, once per model; the export step's fallback re-export);
+        stored back in its own dtype afterwards (exact). Everything else reads the stored weights."""
         from .onload import fp32_cpu
 
         with fp32_cpu(self.loaded.model) as model:
