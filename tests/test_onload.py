@@ -363,9 +363,10 @@ def test_reference_keeps_weights_as_stored_and_computes_the_model(name, dtype, t
     quantized = [n for n in q_stored.graph.node if n.op_type in ("MatMul", "Gemm")
                  and producers.get(n.input[1]) == "DequantizeLinear"]
     assert len(quantized) == len(names)  # each planned GEMM's stored weight became INT8 -> DequantizeLinear
-    with lw.suspended_fp32_cpu() as m:
-        export_reference(m, tmp_path / "ref32.onnx")
-    q_fp32 = insert_qdq(load_onnx(tmp_path / "ref32.onnx"), plan, level="O3")
+    from sq2trt.export import refresh_weights
+
+    ref32 = refresh_weights(load_onnx(tmp_path / "fp32.onnx"), model)  # the same weights, upcast, in memory
+    q_fp32 = insert_qdq(ref32, plan, level="O3")
     ints = lambda q: {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer  # noqa: E731
                       if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("weight_int8")}
     a, b = ints(q_stored), ints(q_fp32)
