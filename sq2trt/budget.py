@@ -28,13 +28,15 @@ them in one place. Each says where it comes from:
   (:func:`stored_bytes`: 2 bytes per parameter for an FP16/BF16 checkpoint, 4 for FP32;
   ``sq2trt.export.write_reference``); a quantizing level's ``<level>.onnx`` stores its GEMM weights at
   the level's bit width (plus FP32 group scales for group-wise levels) and everything else as stored;
-  the ONNX Runtime engine ``<level>.ort.onnx`` is the optimized copy of that graph with every float
-  weight in FP32 (ORT folds the casts; measured on random OPT-1.3B FP16: base.onnx and ref.onnx 2.64 GB,
-  fp.ort.onnx 5.28 GB, O3.onnx 1.52 GB, O3.ort.onnx 1.91 GB; docs/scale.md); for TensorRT,
+  the ONNX Runtime engine ``<level>.ort.onnx`` is the optimized copy of that graph (measured on random
+  OPT-1.3B FP16 when ORT still folded the casts to FP32: base.onnx and ref.onnx 2.64 GB, fp.ort.onnx
+  5.28 GB, O3.onnx 1.52 GB, O3.ort.onnx 1.91 GB; docs/scale.md); for TensorRT,
   ``<level>.fp16.onnx`` holds the non-GEMM weights in FP16 and the ``.plan`` is about as large.
+  An engine made from weights kept in FP16/BF16 is saved without ORT's constant folding, so it keeps
+  them as stored, like its Q/DQ graph (sessions fold the casts when they load it).
   ``TIED_STORED_TWICE``: a tied input embedding / lm_head is one tensor in ``base.onnx``, every
   ``ref.onnx`` and the Q/DQ graph (``sq2trt.export`` keeps tied parameters one initializer), but two in
-  the ONNX Runtime engine, whose optimizer folds lm_head's transpose of it into a second constant
+  an FP32 ONNX Runtime engine, whose optimizer folds lm_head's transpose of it into a second constant
   (tests/test_checkpoints.py holds every file ``sq2trt export`` writes for a 1-layer OPT-125m-shaped FP16
   checkpoint, 47.3 M parameters of which 38.6 M are the tied embedding, within 2% of this estimate;
   base.onnx and ref.onnx are 94.5 MB there). Files already under ``<out>/<model>/``
@@ -245,9 +247,12 @@ def estimate(config: Any, levels: Sequence[str], artifacts: Sequence[str] = ("on
             disk[f"{level}/ref.onnx"] = sb * (n.gemm + other)
             if scheme.quantizes:
                 disk[f"{level}/{level}.onnx"] = int(_weight_bytes_per_param(scheme, sb) * n.gemm) + sb * other
-        if "engine" in artifacts:  # ORT folds the casts of stored weights: FP32 in the engine
-            disk[f"{level}/{level}.ort.onnx"] = (int(_weight_bytes_per_param(scheme, FP32_BYTES) * n.gemm)
-                                                 + FP32_BYTES * (other + twice))
+        if "engine" in artifacts:
+            if sb == FP32_BYTES:  # ORT's constant folding: lm_head's transpose of a tied embedding is a second copy
+                engine = int(_weight_bytes_per_param(scheme, FP32_BYTES) * n.gemm) + FP32_BYTES * (other + twice)
+            else:  # saved without constant folding (sq2trt.engine): the graph's own tensors, as stored
+                engine = int(_weight_bytes_per_param(scheme, sb) * n.gemm) + sb * other
+            disk[f"{level}/{level}.ort.onnx"] = engine
         fp16 = int(_weight_bytes_per_param(scheme, FP16_BYTES) * n.gemm) + FP16_BYTES * other
         if "fp16" in artifacts:
             disk[f"{level}/{level}.fp16.onnx"] = fp16

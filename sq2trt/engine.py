@@ -191,4 +191,10 @@ def _optimize(source: Path, original: Path, tmp: Path, engine_path: Path, device
                                     engine_path.name + ".data")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                     "1024")
-    ort.InferenceSession(str(source), so, providers=providers(device))
+    from .export import stored_casts
+
+    # weights kept in their stored FP16/BF16 (sq2trt.export.write_reference): ORT's constant folding would
+    # save them as FP32 (twice the bytes on disk); keep the Casts, which every session folds when it loads
+    keep = stored_casts(load_onnx(original, load_external_data=False).graph)
+    kw = {"disabled_optimizers": ["ConstantFolding"]} if keep else {}
+    ort.InferenceSession(str(source), so, providers=providers(device), **kw)

@@ -291,6 +291,13 @@ def test_pipeline_exports_an_fp16_checkpoint(fp16_dir, calib_text, eval_text, tm
     assert active(model) is not None  # computing layer-wise again
     assert read_meta(ref)["max_rel_vs_torch"] < 1e-4
     assert read_meta(quant)["export_check"]["passed"]
+    # the ORT engine keeps the stored FP16 weights too (saved without constant folding) and still runs every
+    # planned GEMM as a fused integer kernel
+    engine = pipe.build()
+    size = lambda p: sum(f.stat().st_size for f in p.parent.glob(p.name + "*") if not f.name.endswith(".json"))  # noqa: E731
+    assert size(engine) < 1.05 * size(quant)
+    ops = read_meta(engine)["ops"]
+    assert ops.get("MatMulIntegerToFloat", 0) + ops.get("QGemm", 0) == len(pipe.plan())
     h16 = pipe.h("stats")
     assert h16 != Pipeline(_config(str(fp16_dir), calib_text, eval_text, dtype="float32"), tmp_path,
                            device="cpu").h("stats")
