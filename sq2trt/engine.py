@@ -85,6 +85,11 @@ def build_ort_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLik
 
     graph = load_onnx(onnx_path, load_external_data=False)  # clear error on a corrupt input
     engine_path = Path(engine_path)
+    from .export import stored_casts
+
+    # weights kept in their stored FP16/BF16 (sq2trt.export.write_reference): ORT's constant folding would
+    # save them as FP32 (twice the bytes on disk); keep the Casts, which every session folds when it loads
+    keep_casts = bool(stored_casts(graph.graph))
     source, split, relus = Path(onnx_path), split_gemm_bias(graph), relus_to_max(graph)
     if split or relus:  # ORT reads a graph-only copy beside the original, so its external data still resolves
         source = Path(onnx_path).with_name(f".tmp-ort-{os.getpid()}-{Path(onnx_path).name}")
@@ -93,7 +98,7 @@ def build_ort_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLik
                  "quantized GEMMs as Max(x, 0)", split, relus)
     try:
         with atomic_path(engine_path) as tmp:
-            _optimize(source, Path(onnx_path), tmp, engine_path, device)
+            _optimize(source, Path(onnx_path), tmp, engine_path, device, keep_casts=keep_casts)
     finally:
         if source != Path(onnx_path):
             source.unlink(missing_ok=True)
@@ -178,7 +183,8 @@ def relus_to_max(model) -> int:
     return count
 
 
-def _optimize(source: Path, original: Path, tmp: Path, engine_path: Path, device: str) -> None:
+def _optimize(source: Path, original: Path, tmp: Path, engine_path: Path, device: str, *,
+              keep_casts: bool = False) -> None:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -191,10 +197,5 @@ def _optimize(source: Path, original: Path, tmp: Path, engine_path: Path, device
                                     engine_path.name + ".data")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                     "1024")
-    from .export import stored_casts
-
-    # weights kept in their stored FP16/BF16 (sq2trt.export.write_reference): ORT's constant folding would
-    # save them as FP32 (twice the bytes on disk); keep the Casts, which every session folds when it loads
-    keep = stored_casts(load_onnx(original, load_external_data=False).graph)
-    kw = {"disabled_optimizers": ["ConstantFolding"]} if keep else {}
+    kw = {"disabled_optimizers": ["ConstantFolding"]} if keep_casts else {}
     ort.InferenceSession(str(source), so, providers=providers(device), **kw)

@@ -357,13 +357,13 @@ def _ir_tensor(t: torch.Tensor):
 
 
 def write_reference(base: onnx.ModelProto, model: torch.nn.Module, path: str | os.PathLike, *,
-                    base_dir: str | os.PathLike | None = None, keep_stored: bool = True) -> None:
+                    base_dir: str | os.PathLike | None = None) -> None:
     """Save ``base``'s graph carrying ``model``'s current weights to ``path``, streamed: each weight
     is read (and transposed, for GEMMs) only when the writer reaches it, written to the external data
     file and dropped, so peak memory is one tensor, whatever the model's size. ``base`` may be
     graph-only; tensors the model does not own (rotary tables, constants) are read from ``base_dir``.
 
-    The graph computes in float32. With ``keep_stored`` a weight stored in FP16/BF16 is written as
+    The graph computes in float32. A weight stored in FP16/BF16 is written as
     it is stored, followed by a ``Cast`` to float32 (its initializer named ``<name>__stored``): the
     same float32 values at half the bytes on disk; ONNX Runtime folds the Cast when it loads the
     graph, TensorRT at build time. Float32 weights are written as they are (the graph is then the
@@ -378,29 +378,27 @@ def write_reference(base: onnx.ModelProto, model: torch.nn.Module, path: str | o
     if missing:
         raise OnnxInputError(f"{sorted(missing)[:3]} (of {len(missing)}) have no tensor in the model: the base "
                              "export is from another model")
-    dtypes = {name: dtype for name, (dtype, _) in sources.items()}
+    low = {name: _LOW[dtype] for name, (dtype, _) in sources.items() if dtype in _LOW}  # kept as stored
     casts = []
     for init in out.graph.initializer:
-        low = _LOW.get(dtypes.get(init.name)) if keep_stored else None
-        if low is None:
-            continue
-        name = init.name
-        init.CopyFrom(onnx.TensorProto(name=name + STORED, data_type=low, dims=init.dims))
-        casts.append(onnx.helper.make_node("Cast", [name + STORED], [name], name=f"{name}/StoredCast",
-                                           to=onnx.TensorProto.FLOAT))
+        if init.name in low:
+            name = init.name
+            init.CopyFrom(onnx.TensorProto(name=name + STORED, data_type=low[name], dims=init.dims))
+            casts.append(onnx.helper.make_node("Cast", [name + STORED], [name], name=f"{name}/StoredCast",
+                                               to=onnx.TensorProto.FLOAT))
     if casts:
         nodes = casts + list(out.graph.node)
         del out.graph.node[:]
         out.graph.node.extend(nodes)
     irm = ir.serde.deserialize_model(out)
     for name, (_, value) in sources.items():
-        key = name + STORED if (keep_stored and dtypes[name] in _LOW) else name
+        key = name + STORED if name in low else name
         v = irm.graph.initializers[key]
 
-        def make(f=value, low=key != name):
+        def make(f=value, stored=name in low):
             t = f()
-            return _ir_tensor(t if low else t.float())
-        dtype = ir.DataType(_LOW[dtypes[name]]) if key != name else ir.DataType.FLOAT
+            return _ir_tensor(t if stored else t.float())
+        dtype = ir.DataType(low[name]) if name in low else ir.DataType.FLOAT
         v.const_value = ir.LazyTensor(make, dtype=dtype, shape=ir.Shape(list(v.shape)), name=key)
     save_onnx(irm, path, base_dir=base_dir, external=None)
 
