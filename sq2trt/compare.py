@@ -6,6 +6,7 @@ Runners: ``OnnxrtRunner`` for ONNX / ORT-engine files; ``.plan`` files go throug
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ class LogitDiff:
     polygraphy_passed: bool  # Polygraphy CompareFunc.simple at (atol, rtol)
     atol: float
     rtol: float
+    rel_l2_interval: dict[str, Any] | None = None  # 95% interval of rel_l2 over blocks of positions (sq2trt.stats)
 
     def __str__(self) -> str:
         return (f"max|d|={self.max_abs:.4g} mean|d|={self.mean_abs:.4g} max_rel={self.max_rel:.3g} "
@@ -77,17 +79,35 @@ def compare_logits(reference: str | os.PathLike, engine: str | os.PathLike, inpu
         accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
     finally:
         G_LOGGER.module_severity = old
-    ref_iters, eng_iters = results[0][1], results[1][1]
-    diffs, refs, agree, count = [], [], 0, 0
-    for r_it, e_it in zip(ref_iters, eng_iters):
-        r, e = np.asarray(r_it[OUTPUT], dtype=np.float64), np.asarray(e_it[OUTPUT], dtype=np.float64)
-        diffs.append((e - r).ravel())
-        refs.append(r.ravel())
+    return logit_diff([np.asarray(it[OUTPUT]) for it in results[0][1]],
+                      [np.asarray(it[OUTPUT]) for it in results[1][1]], atol=atol, rtol=rtol,
+                      polygraphy_passed=bool(accuracy))
+
+
+def logit_diff(references: list[np.ndarray], engines: list[np.ndarray], *, atol: float, rtol: float,
+               polygraphy_passed: bool) -> LogitDiff:
+    """The error summary of per-sequence logits (1, T, vocab) of the reference and the engine. The
+    relative L2 error also gets its 95% interval: per-position squared norms summed over blocks of
+    ``stats.REL_L2_BLOCK_TOKENS`` positions within each sequence (sq2trt.stats.rel_l2_ci)."""
+    from .stats import REL_L2_BLOCK_TOKENS, block_sums, rel_l2_ci
+
+    max_abs = max_ref = abs_sum = 0.0
+    elements = agree = count = 0
+    err_blocks, ref_blocks = [], []
+    for r_raw, e_raw in zip(references, engines):
+        r, e = np.asarray(r_raw, dtype=np.float64), np.asarray(e_raw, dtype=np.float64)
+        d = e - r
+        max_abs, max_ref = max(max_abs, float(np.abs(d).max())), max(max_ref, float(np.abs(r).max()))
+        abs_sum += float(np.abs(d).sum())
+        elements += d.size
         agree += int((r.argmax(-1) == e.argmax(-1)).sum())
         count += int(np.prod(r.shape[:-1]))
-    d, r = np.concatenate(diffs), np.concatenate(refs)
-    return LogitDiff(max_abs=float(np.abs(d).max()), mean_abs=float(np.abs(d).mean()),
-                     max_rel=float(np.abs(d).max() / max(np.abs(r).max(), 1e-12)),
-                     rel_l2=float(np.linalg.norm(d) / max(np.linalg.norm(r), 1e-12)),
-                     top1_agreement=agree / max(count, 1), tokens=count, polygraphy_passed=bool(accuracy),
-                     atol=atol, rtol=rtol)
+        err_sq, ref_sq = (d * d).sum(-1).reshape(-1, r.shape[-2]), (r * r).sum(-1).reshape(-1, r.shape[-2])
+        err_blocks.append(block_sums(err_sq, REL_L2_BLOCK_TOKENS)[0])
+        ref_blocks.append(block_sums(ref_sq, REL_L2_BLOCK_TOKENS)[0])
+    err_b, ref_b = np.concatenate(err_blocks), np.concatenate(ref_blocks)
+    interval = rel_l2_ci(err_b, ref_b) if float(ref_b.sum()) > 0 and np.all(ref_b > 0) else None
+    return LogitDiff(max_abs=max_abs, mean_abs=abs_sum / max(elements, 1), max_rel=max_abs / max(max_ref, 1e-12),
+                     rel_l2=math.sqrt(float(err_b.sum())) / max(math.sqrt(float(ref_b.sum())), 1e-12),
+                     top1_agreement=agree / max(count, 1), tokens=count, polygraphy_passed=polygraphy_passed,
+                     atol=atol, rtol=rtol, rel_l2_interval=interval)

@@ -40,7 +40,8 @@ def evaluate_pipeline(pipe, resolved: Resolved, *, batch_tokens: int = 4096) -> 
     from .evaluate import (ENGINE_PPL_RTOL, ort_logits_fn, paired_summary, perplexity, relative_gap, score_tokens,
                            torch_logits_fn)
     from .fakequant import batch_invariant, fake_quantized
-    from .tasks import score_examples
+    from .stats import paired_drop_ci
+    from .tasks import item_correct, score_examples
 
     seconds: dict[str, float] = {}
     engine = pipe.build()
@@ -111,18 +112,23 @@ def evaluate_pipeline(pipe, resolved: Resolved, *, batch_tokens: int = 4096) -> 
         entry: dict[str, Any] = {"file": str(path), "n": len(examples)}
         runs = [("torch_fp", torch_logits_fn(model), batch_tokens),
                 ("engine", ort_logits_fn(session(engine, device=pipe.device)), task_batch_tokens)]
+        correct: dict[str, dict[str, list[bool]]] = {}
         for which, fn, bt in runs:
             bar = pipe._progress(f"{name} ({which})", sum(len(e.choices) for e in examples))
             t = time.perf_counter()
             try:
-                res, _ = score_examples(name, examples, fn, pipe.loaded.tokenizer, batch_tokens=bt,
-                                        progress=bar.update)
+                res, lls = score_examples(name, examples, fn, pipe.loaded.tokenizer, batch_tokens=bt,
+                                          progress=bar.update)
             finally:
                 bar.close()
             seconds[f"{name}_{which}"] = round(time.perf_counter() - t, 2)
             entry[which] = res.to_dict()
+            correct[which] = item_correct(examples, lls)
         entry["acc_drop"] = entry["torch_fp"]["acc"] - entry["engine"]["acc"]
         entry["acc_norm_drop"] = entry["torch_fp"]["acc_norm"] - entry["engine"]["acc_norm"]
+        # the same drops with 95% intervals paired on the items (both models answer every item)
+        entry["paired"] = {key: paired_drop_ci(correct["torch_fp"][key], correct["engine"][key])
+                           for key in ("acc", "acc_norm")}
         tasks[name] = entry
 
     e = pipe.config.eval

@@ -4,8 +4,8 @@ Thresholds (YAML; every key optional, see recipes/thresholds.yaml)::
 
     max_ppl_increase: 0.05          # engine perplexity / reference perplexity - 1 (paired, with interval)
     min_top1_agreement: 0.875       # argmax agreement with the reference on every evaluation token (interval)
-    max_logits_rel_l2: 0.17         # ||engine - ref|| / ||ref|| over the comparison logits (Polygraphy)
-    max_acc_drop: {copa: 0.05}      # float acc - engine acc, per task (absolute, 0.05 = 5 points)
+    max_logits_rel_l2: 0.17         # ||engine - ref|| / ||ref|| over the comparison logits (Polygraphy; interval)
+    max_acc_drop: {copa: 0.05}      # float acc - engine acc, per task (absolute, 0.05 = 5 points; paired interval)
     max_acc_norm_drop: {copa: 0.05}
 
 A threshold on a metric the report does not contain fails (naming what to run): a gate must not
@@ -22,7 +22,10 @@ Wilson; see sq2trt.stats) are judged three ways:
   code 1): a gate that passes on noise is not a gate. Evaluate more tokens (``--eval-max-tokens``) or
   set the limit from a measurement at this budget (recipes/thresholds.yaml says how).
 
-Metrics without an interval (``logits_rel_l2``, task accuracy drops) are judged on the value.
+The logits' relative L2 error has an interval over blocks of comparison positions
+(``stats.rel_l2_ci``) and each task accuracy drop one paired on the items (``stats.paired_drop_ci``,
+Newcombe's score interval: only items the two models answer differently move it). Reports written
+before these intervals existed are judged on the value alone.
 """
 from __future__ import annotations
 
@@ -92,6 +95,7 @@ class Check:
     lo: float | None = None  # confidence interval of the value, when the report has one
     hi: float | None = None
     n: int | None = None  # tokens (or items) the value was measured on
+    unit: str = "tokens"
 
     @property
     def status(self) -> str:
@@ -108,18 +112,26 @@ class Check:
     def passed(self) -> bool:
         return self.status == PASS
 
+    @property
+    def more(self) -> str:
+        """What makes this value's interval narrower."""
+        if self.unit == "items":
+            return "evaluate a task with more items"
+        if self.metric == "logits_rel_l2":
+            return "compare on more sequences (--eval-compare-samples)"
+        return "evaluate more tokens (--eval-max-tokens)"
+
     def __str__(self) -> str:
         op = "<=" if self.kind == "max" else ">="
         if self.value is None:
             return f"FAIL {self.metric}: missing from the report (needs {op} {self.limit:g}); {self.hint}"
         ci = "" if self.lo is None else f", 95% interval [{self.lo:.4g}, {self.hi:.4g}]"
-        on = "" if self.n is None else f" on {self.n} tokens"
+        on = "" if self.n is None else f" on {self.n} {self.unit}"
         text = f"{self.metric} = {self.value:.4g}{ci}{on} (needs {op} {self.limit:g})"
         st = self.status
         if st == TOO_SMALL:
             return (f"TOO SMALL {text}: the value passes but its interval crosses the limit, so this evaluation "
-                    "cannot tell the engine from one that fails; evaluate more tokens (--eval-max-tokens) or "
-                    "re-derive the limit at this budget")
+                    f"cannot tell the engine from one that fails; {self.more} or re-derive the limit at this budget")
         return f"{'ok  ' if st == PASS else 'FAIL'} {text}"
 
 
@@ -150,9 +162,9 @@ class GateResult:
         return "\n".join([head] + [f"  {c}" for c in self.checks])
 
 
-def _interval(d: Mapping[str, Any] | None) -> dict[str, Any]:
+def _interval(d: Mapping[str, Any] | None, n: int | None = None) -> dict[str, Any]:
     d = d or {}
-    return {"lo": d.get("lo"), "hi": d.get("hi"), "n": d.get("tokens")}
+    return {"lo": d.get("lo"), "hi": d.get("hi"), "n": d.get("tokens", d.get("items", n))}
 
 
 def report_metrics(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -169,10 +181,15 @@ def report_metrics(report: Mapping[str, Any]) -> dict[str, Any]:
     top1 = (cmp.get("paired") or {}).get("top1_agreement")
     top1_value = top1["value"] if top1 else logits.get("top1_agreement")
     top1_ci = _interval(top1) if top1 else {"lo": None, "hi": None, "n": logits.get("tokens")}
-    tasks = {name: {"acc_drop": t.get("acc_drop"), "acc_norm_drop": t.get("acc_norm_drop"), "n": t.get("n")}
-             for name, t in (ev.get("tasks") or {}).items()}
+    tasks = {}
+    for name, t in (ev.get("tasks") or {}).items():
+        paired = t.get("paired") or {}
+        tasks[name] = {"acc_drop": t.get("acc_drop"), "acc_norm_drop": t.get("acc_norm_drop"), "n": t.get("n"),
+                       "acc_drop_ci": _interval(paired.get("acc"), t.get("n")),
+                       "acc_norm_drop_ci": _interval(paired.get("acc_norm"), t.get("n"))}
     return {"ppl_increase": ppl_inc, "ppl_increase_ci": ppl_ci, "top1_agreement": top1_value,
-            "top1_agreement_ci": top1_ci, "logits_rel_l2": logits.get("rel_l2"), "tasks": tasks}
+            "top1_agreement_ci": top1_ci, "logits_rel_l2": logits.get("rel_l2"),
+            "logits_rel_l2_ci": _interval(logits.get("rel_l2_interval"), logits.get("tokens")), "tasks": tasks}
 
 
 def check_report(report: Mapping[str, Any], th: Thresholds) -> GateResult:
@@ -185,11 +202,14 @@ def check_report(report: Mapping[str, Any], th: Thresholds) -> GateResult:
         checks.append(Check("top1_agreement", m["top1_agreement"], th.min_top1_agreement, "min",
                             "run `sq2trt compare`", **m["top1_agreement_ci"]))
     if th.max_logits_rel_l2 is not None:
-        checks.append(Check("logits_rel_l2", m["logits_rel_l2"], th.max_logits_rel_l2, "max", "run `sq2trt compare`"))
+        checks.append(Check("logits_rel_l2", m["logits_rel_l2"], th.max_logits_rel_l2, "max", "run `sq2trt compare`",
+                            **m["logits_rel_l2_ci"]))
     for key, table in (("acc_drop", th.max_acc_drop), ("acc_norm_drop", th.max_acc_norm_drop)):
         for task, limit in table.items():
-            value = (m["tasks"].get(task) or {}).get(key)
-            checks.append(Check(f"{task}.{key}", value, limit, "max", f"run `sq2trt evaluate --tasks {task}`"))
+            t = m["tasks"].get(task) or {}
+            ci = t.get(f"{key}_ci") or {"lo": None, "hi": None, "n": None}
+            checks.append(Check(f"{task}.{key}", t.get(key), limit, "max", f"run `sq2trt evaluate --tasks {task}`",
+                                unit="items", **ci))
     return GateResult(tuple(checks))
 
 

@@ -135,6 +135,15 @@ def _pct_ci(d: dict[str, Any] | None, signed: bool = True) -> str:
     return f"95% interval {format(d['lo'], f)} to {format(d['hi'], f)}"
 
 
+def _plain_ci(d: dict[str, Any] | None) -> str:
+    return "" if not d else f" (95% interval {d['lo']:.4g} to {d['hi']:.4g}, {d['blocks']} blocks)"
+
+
+def _drop_ci(d: dict[str, Any] | None) -> str:
+    return "" if not d else (f" ({d['lo']:+.4f} to {d['hi']:+.4f}; {d['discordant']} of {d['items']} items "
+                             "answered differently)")
+
+
 def _paired_rows(cmp: dict[str, Any]) -> list[str]:
     pr = cmp.get("paired")
     lg = cmp["logits"]
@@ -180,7 +189,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"| logits max abs error | {_fmt(lg['max_abs'])} |",
         f"| logits mean abs error | {_fmt(lg['mean_abs'])} |",
         f"| logits max relative error (max abs / max ref) | {_fmt(lg['max_rel'])} |",
-        f"| logits relative L2 error | {_fmt(lg['rel_l2'])} |",
+        f"| logits relative L2 error | {_fmt(lg['rel_l2'])}{_plain_ci(lg.get('rel_l2_interval'))} |",
         f"| export check: layer-0 Q/DQ inputs differing from PyTorch fake-quant | "
         f"{_check(cmp.get('export_check'), 'act_mismatch_fraction')} |",
         f"| export check: weights-only Q/DQ graph vs fake-quant (max rel) | "
@@ -247,12 +256,16 @@ def _eval_markdown(ev: dict[str, Any] | None) -> list[str]:
              "Evaluation timings (s): " + ", ".join(f"{k} {v}" for k, v in ev.get("seconds", {}).items()), ""]
     if ev.get("tasks"):
         lines += ["## Zero-shot tasks", "", "| task | n | acc (float) | acc (engine) | acc_norm (float) | "
-                  "acc_norm (engine) | acc drop |", "|---|---|---|---|---|---|---|"]
+                  "acc_norm (engine) | acc drop (paired 95% interval) | acc_norm drop |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, t in ev["tasks"].items():
             f, e = t["torch_fp"], t["engine"]
+            pr = t.get("paired") or {}
             lines.append(f"| {name} | {t['n']} | {f['acc']:.4f} | {e['acc']:.4f} ± {e['acc_stderr']:.4f} | "
-                         f"{f['acc_norm']:.4f} | {e['acc_norm']:.4f} | {t['acc_drop']:+.4f} |")
-        lines.append("")
+                         f"{f['acc_norm']:.4f} | {e['acc_norm']:.4f} | {t['acc_drop']:+.4f}{_drop_ci(pr.get('acc'))} | "
+                         f"{t['acc_norm_drop']:+.4f}{_drop_ci(pr.get('acc_norm'))} |")
+        lines += ["", "A drop's interval is paired on the items (Newcombe's score interval): only the items "
+                  "the float model and the engine answer differently move it.", ""]
     return lines
 
 

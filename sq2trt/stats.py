@@ -17,6 +17,18 @@ tokens' errors.
 Top-1 agreement is a proportion over tokens: :func:`wilson` gives the Wilson score interval, with
 the token count replaced by an effective count ``n / deff`` when blocks show that agreement is
 correlated within a block (``deff`` >= 1, the design effect, :func:`design_effect`).
+
+The logits' relative L2 error ``||e - r|| / ||r||`` is the square root of a ratio of sums over tokens,
+``sum_t ||e_t - r_t||^2 / sum_t ||r_t||^2``: the same ratio estimator over blocks of
+:data:`REL_L2_BLOCK_TOKENS` positions of the comparison windows gives its interval, mapped through the
+square root (:func:`rel_l2_ci`).
+
+A task accuracy drop is a difference of two proportions measured on the *same* items (the float model
+and the engine answer every item): :func:`paired_drop_ci` is Newcombe's score interval for paired
+proportions (Newcombe 1998, "Improved confidence intervals for the difference between binomial
+proportions based on paired data", Statistics in Medicine 17:2635, method 10). Only the items the two
+answer differently move the drop, and the interval knows it: 100 items of which 3 differ give a far
+tighter interval than 100 items judged as two independent accuracies.
 """
 from __future__ import annotations
 
@@ -28,6 +40,7 @@ import numpy as np
 
 CONFIDENCE = 0.95
 BLOCK_TOKENS = 128  # predicted tokens per block (the last block of a window may be shorter)
+REL_L2_BLOCK_TOKENS = 32  # positions per block of the (shorter) comparison windows
 
 
 # --------------------------------------------------------------------------- distributions
@@ -180,6 +193,53 @@ def agreement_ci(agree: Sequence[int], tokens: Sequence[int], conf: float = CONF
             "blocks": int(n.size), "design_effect": deff,
             "method": f"Wilson score interval at the effective token count (tokens / design effect {deff:.2f}, "
                       f"blocks of <= {BLOCK_TOKENS} tokens)"}
+
+
+def rel_l2_ci(err_sq: Sequence[float], ref_sq: Sequence[float], conf: float = CONFIDENCE) -> dict[str, Any]:
+    """Relative L2 error ``sqrt(sum err_sq / sum ref_sq)`` from per-block sums of ``||e - r||^2`` and
+    ``||r||^2``, with the ratio estimator's t-interval (:func:`ratio_ci`) mapped through the square
+    root (a negative lower end of the squared ratio becomes 0)."""
+    e, r = np.asarray(err_sq, np.float64), np.asarray(ref_sq, np.float64)
+    sq, lo, hi = ratio_ci(e, r, conf)
+    return {"value": math.sqrt(max(sq, 0.0)), "lo": math.sqrt(max(lo, 0.0)) if math.isfinite(lo) else 0.0,
+            "hi": math.sqrt(hi) if math.isfinite(hi) and hi > 0 else (0.0 if math.isfinite(hi) else math.inf),
+            "confidence": conf, "blocks": int(e.size),
+            "method": f"t-interval ({int(e.size) - 1} df) of the squared ratio over blocks of <= "
+                      f"{REL_L2_BLOCK_TOKENS} positions (ratio estimator), square root"}
+
+
+def paired_drop_ci(first: Sequence[bool], second: Sequence[bool], conf: float = CONFIDENCE) -> dict[str, Any]:
+    """``mean(first) - mean(second)`` for two 0/1 outcomes on the same items (e.g. float model correct,
+    engine correct) and Newcombe's paired score interval (method 10, see the module docstring).
+
+    With the 2x2 table a (both 1), b (first only), c (second only), d (neither) over n items, the Wilson
+    intervals (l1, u1) of p1 = (a + b) / n and (l2, u2) of p2 = (a + c) / n are combined with the
+    correlation phi of the two outcomes (phi = (ad - bc) / sqrt((a+b)(c+d)(a+c)(b+d)), reduced by n/2
+    towards 0 when positive, and 0 when that product is 0):
+
+        lo = (p1 - p2) - sqrt((p1 - l1)^2 - 2 phi (p1 - l1)(u2 - p2) + (u2 - p2)^2)
+        hi = (p1 - p2) + sqrt((u1 - p1)^2 - 2 phi (u1 - p1)(p2 - l2) + (p2 - l2)^2)
+    """
+    x, y = np.asarray(first, bool), np.asarray(second, bool)
+    if x.shape != y.shape or x.ndim != 1 or x.size == 0:
+        raise ValueError("both outcomes must be 1-D of the same, non-zero length")
+    n = int(x.size)
+    a, b = int((x & y).sum()), int((x & ~y).sum())
+    c, d = int((~x & y).sum()), int((~x & ~y).sum())
+    p1, l1, u1 = wilson(a + b, n, conf)
+    p2, l2, u2 = wilson(a + c, n, conf)
+    den = float(a + b) * (c + d) * (a + c) * (b + d)
+    if den == 0:
+        phi = 0.0
+    else:
+        num = a * d - b * c
+        phi = (max(num - n / 2.0, 0.0) if num > 0 else num) / math.sqrt(den)
+    diff = p1 - p2
+    lo = diff - math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    hi = diff + math.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
+    return {"value": diff, "lo": max(lo, -1.0), "hi": min(hi, 1.0), "confidence": conf, "items": n,
+            "discordant": b + c, "first_only": b, "second_only": c,
+            "method": "Newcombe's score interval for paired proportions (1998, method 10)"}
 
 
 # --------------------------------------------------------------------------- per-block scoring

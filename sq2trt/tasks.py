@@ -261,6 +261,13 @@ class TaskResult:
                 f"± {self.acc_norm_stderr:.4f} (n={self.n})")
 
 
+def item_correct(examples: Sequence[Example], lls: Sequence[Sequence[float]]) -> dict[str, list[bool]]:
+    """Per item, whether the choice of highest log-likelihood (``acc``) and of highest length-normalized
+    log-likelihood (``acc_norm``) is the right one: the paired outcomes task-drop intervals are made from."""
+    return {"acc": [bool(acc(ll, ex.label)) for ll, ex in zip(lls, examples)],
+            "acc_norm": [bool(acc_norm(ll, ex.choices, ex.label)) for ll, ex in zip(lls, examples)]}
+
+
 def score_examples(task: str, examples: Sequence[Example], logits_fn: LogitsFn, tokenizer: Any, *,
                    batch_tokens: int = 4096, max_len: int = 2048,
                    progress: Callable[[int], None] | None = None) -> tuple[TaskResult, list[list[float]]]:

@@ -22,8 +22,8 @@ import pytest
 from sq2trt.errors import AccuracyGateError
 from sq2trt.gate import (FAIL, PASS, TOO_SMALL, Check, EvaluationTooSmallError, Thresholds, check_report, enforce,
                          report_metrics)
-from sq2trt.stats import (agreement_ci, block_sums, design_effect, paired_ppl_increase, ratio_ci, t_quantile,
-                          wilson)
+from sq2trt.stats import (agreement_ci, block_sums, design_effect, paired_drop_ci, paired_ppl_increase, ratio_ci,
+                          rel_l2_ci, t_quantile, wilson)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,6 +104,75 @@ def test_block_sums_cut_within_windows():
     assert sums.sum() == v.sum() and sums[2] == v[0, 256:].sum()
 
 
+def test_rel_l2_interval_is_the_exact_value_and_covers_the_truth():
+    rng = np.random.default_rng(3)
+    ref = rng.gamma(4.0, 1.0, 16)
+    err = ref * 0.01 * rng.uniform(0.5, 1.5, 16)
+    d = rel_l2_ci(err, ref)
+    assert d["value"] == pytest.approx(math.sqrt(err.sum() / ref.sum())) and d["lo"] <= d["value"] <= d["hi"]
+    assert d["blocks"] == 16
+    # blocks whose squared error is a known share (0.12^2) of the squared reference, with noise: the interval
+    # holds 0.12 about 95% of the time (400 trials)
+    hits = 0
+    for _ in range(400):
+        ref = rng.gamma(4.0, 1.0, 16)
+        err = ref * 0.12 ** 2 * rng.gamma(5.0, 1 / 5.0, 16)
+        x = rel_l2_ci(err, ref)
+        hits += x["lo"] <= 0.12 <= x["hi"]
+    assert 0.92 <= hits / 400 <= 0.98, hits
+
+
+def test_logit_diff_interval_follows_the_positions():
+    from sq2trt.compare import logit_diff
+
+    rng = np.random.default_rng(4)
+    refs = [rng.normal(0, 3, (1, 128, 50)) for _ in range(2)]
+    engs = [r + rng.normal(0, 0.3, r.shape) for r in refs]
+    d = logit_diff(refs, engs, atol=1e-2, rtol=1e-2, polygraphy_passed=False)
+    whole = np.linalg.norm(np.concatenate([(e - r).ravel() for r, e in zip(refs, engs)])) / \
+        np.linalg.norm(np.concatenate([r.ravel() for r in refs]))
+    ci = d.rel_l2_interval
+    assert d.rel_l2 == pytest.approx(whole) and d.tokens == 256 and ci["blocks"] == 8
+    assert ci["lo"] < d.rel_l2 < ci["hi"] and ci["hi"] - ci["lo"] < 0.02  # uniform error: a tight interval
+    # the error concentrated in a few positions: same kind of value, far wider interval
+    engs[0][0, :8] += rng.normal(0, 8, (8, 50))
+    wide = logit_diff(refs, engs, atol=1e-2, rtol=1e-2, polygraphy_passed=False).rel_l2_interval
+    assert wide["hi"] - wide["lo"] > 5 * (ci["hi"] - ci["lo"])
+
+
+def _pairs(a, b, c, d):
+    """Outcomes of two models on a + b + c + d items: both right, first only, second only, neither."""
+    first = np.array([1] * a + [1] * b + [0] * c + [0] * d, bool)
+    second = np.array([1] * a + [0] * b + [1] * c + [0] * d, bool)
+    return first, second
+
+
+def test_paired_drop_interval():
+    d = paired_drop_ci(*_pairs(60, 5, 2, 33))
+    assert d["value"] == pytest.approx(0.03) and d["lo"] < 0.03 < d["hi"] and d["discordant"] == 7
+    assert d["items"] == 100 and d["first_only"] == 5 and d["second_only"] == 2
+    # the same accuracies (0.65 vs 0.62) judged as if unpaired: the paired interval is much narrower
+    _, l1, u1 = wilson(65, 100)
+    _, l2, u2 = wilson(62, 100)
+    unpaired = math.sqrt((0.65 - l1) ** 2 + (u2 - 0.62) ** 2) + math.sqrt((u1 - 0.65) ** 2 + (0.62 - l2) ** 2)
+    assert d["hi"] - d["lo"] < 0.5 * unpaired
+    same = paired_drop_ci(*_pairs(60, 0, 0, 40))  # identical answers: zero drop, but not a zero-width interval
+    assert same["value"] == 0 and same["lo"] < 0 < same["hi"]
+    # coverage: each item's two answers drawn with a known marginal difference and strong correlation; the
+    # interval holds it about 95% of the time (400 trials of 100 items)
+    true = (0.66 - 0.63) * (1 - 2 * 0.04)  # the marginals after the 4% flips below
+    rng = np.random.default_rng(5)
+    hits = 0
+    for _ in range(400):
+        u = rng.uniform(size=100)
+        first, second = u < 0.66, u < 0.63  # agree except on the 3% band
+        flip = rng.uniform(size=100) < 0.04  # plus some answers that differ both ways
+        first, second = np.where(flip, ~first, first), np.where(flip[::-1], ~second, second)
+        x = paired_drop_ci(first, second)
+        hits += x["lo"] <= true <= x["hi"]
+    assert 0.92 <= hits / 400 <= 0.99, hits
+
+
 # --------------------------------------------------------------------------- gate decisions
 def test_check_states():
     assert Check("ppl_increase", 0.04, 0.06, "max", lo=0.03, hi=0.05).status == PASS
@@ -112,7 +181,10 @@ def test_check_states():
     assert Check("top1_agreement", 0.9, 0.85, "min", lo=0.88, hi=0.92).status == PASS
     assert Check("top1_agreement", 0.9, 0.85, "min", lo=0.84, hi=0.95).status == TOO_SMALL
     assert Check("top1_agreement", 0.8, 0.85, "min", lo=0.7, hi=0.9).status == FAIL
-    assert Check("logits_rel_l2", 0.1, 0.2, "max").status == PASS  # no interval: judged on the value
+    assert Check("logits_rel_l2", 0.1, 0.2, "max").status == PASS  # no interval (an older report): the value
+    assert Check("logits_rel_l2", 0.1, 0.12, "max", lo=0.08, hi=0.13).status == TOO_SMALL
+    drop = Check("copa.acc_drop", 0.02, 0.05, "max", lo=-0.01, hi=0.07, n=100, unit="items")
+    assert drop.status == TOO_SMALL and "on 100 items" in str(drop) and "more items" in str(drop)
     assert "95% interval [0.03, 0.07]" in str(Check("ppl_increase", 0.05, 0.06, "max", lo=0.03, hi=0.07, n=4092))
 
 

@@ -192,9 +192,13 @@ def test_pipeline_report_schema_and_html(calib_text, eval_text):
     hi = rep["eval"]["paired"]["ppl_increase"]["hi"]
     assert inc == ev["ppl_increase"] and drop == ev["tasks"]["mini"]["acc_drop"] and hi > inc
     assert rep["eval"]["paired"]["ppl_increase"]["value"] == pytest.approx(inc, rel=1e-9, abs=1e-12)
-    assert check_report(rep, Thresholds(max_ppl_increase=hi, max_acc_drop={"mini": drop}))
+    drop_ci = rep["eval"]["tasks"]["mini"]["paired"]["acc"]  # paired on the task's 3 items: wide
+    assert drop_ci["items"] == 3 and drop_ci["lo"] <= drop <= drop_ci["hi"] and drop_ci["hi"] > drop
+    assert check_report(rep, Thresholds(max_ppl_increase=hi, max_acc_drop={"mini": drop_ci["hi"]}))
     small = check_report(rep, Thresholds(max_ppl_increase=(inc + hi) / 2))
     assert small.too_small and "TOO SMALL ppl_increase" in str(small)
+    small = check_report(rep, Thresholds(max_acc_drop={"mini": drop}))
+    assert small.too_small and "TOO SMALL mini.acc_drop" in str(small) and "on 3 items" in str(small)
     tight = check_report(rep, Thresholds(max_ppl_increase=inc - 1e-9, max_acc_drop={"mini": drop - 1e-9}))
     assert [c.metric for c in tight.failures] == ["ppl_increase", "mini.acc_drop"] and not tight.too_small
 
@@ -214,7 +218,7 @@ def test_stale_eval_is_left_out_of_the_report(calib_text, eval_text):
         assert rep2["eval"] is None
         # thresholds the fresh report meets (its own numbers) fail on the stale one, for the task metric
         # it no longer has: the gate must not pass because eval.json was left out
-        th = Thresholds(max_acc_drop={"mini": ev["tasks"]["mini"]["acc_drop"]})
+        th = Thresholds(max_acc_drop={"mini": ev["tasks"]["mini"]["paired"]["acc"]["hi"]})
         assert check_report(rep, th)
         res = check_report(rep2, th)
         assert [(c.metric, c.value) for c in res.failures] == [("mini.acc_drop", None)]
