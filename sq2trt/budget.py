@@ -113,8 +113,10 @@ def _model_config(spec: str, trust_remote_code: bool, version: Any) -> Any:
                 raise ModelNotFoundError(f"{spec} is not a Hugging Face model directory (no config.json) "
                                          "nor a .gguf file")
             config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
-        else:
-            config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+        else:  # a hub id: from the cache alone when the hub cannot be reached
+            from .preflight import local_only_kwargs
+
+            config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code, **local_only_kwargs(spec))
     except (OSError, ValueError, KeyError) as exc:
         if isinstance(exc, ModelNotFoundError):
             raise

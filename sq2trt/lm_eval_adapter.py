@@ -54,7 +54,9 @@ def load_tokenizer(spec: str) -> Any:
     try:
         if p.suffix == ".gguf":
             return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-        return AutoTokenizer.from_pretrained(spec)
+        from .preflight import local_only_kwargs
+
+        return AutoTokenizer.from_pretrained(spec, **local_only_kwargs(spec))
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"tokenizer {spec!r} could not be loaded ({exc}); pass an HF id, a model "
                                  "directory or the .gguf file the engine was exported from") from None

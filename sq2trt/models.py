@@ -129,8 +129,10 @@ def load_model(spec: str, *, trust_remote_code: bool = False, seed: int = 0, dty
             raise ModelNotFoundError(f"{spec} is not a Hugging Face model directory (no config.json) "
                                      "nor a .gguf file")
         src, tkw = spec, {}
-    else:
-        src, tkw = spec, {}
+    else:  # a hub id: from the cache alone when the hub cannot be reached
+        from .preflight import local_only_kwargs
+
+        src, tkw = spec, local_only_kwargs(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(src, **tkw, **kw)
         tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, **tkw)
@@ -190,7 +192,13 @@ def _gguf_as_hf_dir(path: Path, trust_remote_code: bool) -> Path | None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            # another process converted the same file first: its complete directory is used
+            log.debug("%s: converted concurrently by another process; using its copy", target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

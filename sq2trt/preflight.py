@@ -197,6 +197,41 @@ def hub_source(spec: str) -> tuple[ModelNotFoundError | None, Path | None]:
     return None, None
 
 
+_CACHE_ONLY: dict[str, bool] = {}
+
+
+def cache_only(spec: str) -> bool:
+    """Whether ``spec`` (a Hugging Face id) must be loaded from the local cache alone: its config.json
+    is cached and the hub is not reachable (HF_HUB_OFFLINE set, or one HEAD request of at most
+    HUB_PROBE_TIMEOUT_S fails). Loaders then pass ``local_files_only=True``: without it,
+    transformers asks the hub about every file of a cached model and waits out each request's
+    timeout before it falls back to the cache. Probed once per process and id; False for local
+    paths, GGUF files and ``random:`` models."""
+    if spec in _CACHE_ONLY:
+        return _CACHE_ONLY[spec]
+    answer = False
+    if spec and not spec.startswith("random:") and not spec.endswith(".gguf") and not Path(spec).exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = isinstance(try_to_load_from_cache(spec, "config.json", cache_dir=hf_cache_dir()), str)
+        except ValueError:  # not a valid repo id: the loaders' own errors say so
+            cached = False
+        if cached:
+            why = "HF_HUB_OFFLINE is set" if hub_offline() else probe(hub_endpoint())
+            if why is not None:
+                log.info("%s: the hub is not reachable (%s); loading it from the cache (%s) only", spec, why,
+                         hf_cache_dir())
+                answer = True
+    _CACHE_ONLY[spec] = answer
+    return answer
+
+
+def local_only_kwargs(spec: str) -> dict[str, Any]:
+    """``{"local_files_only": True}`` for :func:`cache_only` models, else ``{}`` (from_pretrained kwargs)."""
+    return {"local_files_only": True} if cache_only(spec) else {}
+
+
 # --------------------------------------------------------------------------- architecture x level x command
 def level_problems(model_cfg: Any, levels: Sequence[str], *, command: str, quant: Any,
                    backend: str = "ort") -> list[Sq2trtError]:

@@ -237,3 +237,58 @@ def test_cached_snapshot_is_found(tmp_path, monkeypatch):
     _fake_hub_cache(tmp_path, "sq2trt-test/llama", TINY_CONFIGS["llama"])
     problem, snap = preflight.hub_source("sq2trt-test/llama")
     assert problem is None and (snap / "config.json").is_file()
+
+
+def test_cached_hub_model_loads_from_the_cache_when_the_hub_does_not_answer(tmp_path):
+    """A complete cached model, HF_HUB_OFFLINE unset, and a hub that accepts connections but never answers
+    (a black-holed network): the one preflight probe sees that, and the model, its config and tokenizer load
+    from the cache with no further request (transformers would otherwise ask about every file and wait out
+    each request's timeout). The hub here is a real local socket that counts connections."""
+    import threading
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sq2trt.checkpoints import byte_tokenizer
+    from sq2trt.models import TINY_CONFIGS
+
+    home = tmp_path / "hf-home"
+    _fake_hub_cache(home, "sq2trt-test/tiny", TINY_CONFIGS["llama"])
+    snap = next((home / "hub").glob("models--*/snapshots/*"))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_CONFIGS["llama"])).save_pretrained(snap)
+    byte_tokenizer().save_pretrained(snap)
+    # huggingface_hub (2.5) fetches a registry of its own once per process (3 s timeout, kept a day in HF_HOME);
+    # a fresh copy there keeps this count to the requests the loaders make
+    (home / ".agent_harnesses.json").write_text(json.dumps({"standardEnvVars": [], "harnesses": {}}))
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            held.append(conn)  # never answered
+
+    threading.Thread(target=accept, daemon=True).start()
+    env = {**os.environ, "HF_HOME": str(home), "HF_ENDPOINT": f"http://127.0.0.1:{server.getsockname()[1]}"}
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE"):
+        env.pop(k, None)
+    code = ("from sq2trt.budget import model_config; from sq2trt.models import load_model; "
+            "c = model_config('sq2trt-test/tiny'); l = load_model('sq2trt-test/tiny'); "
+            "print(type(l.model).__name__, c.model_type, l.tokenizer('hi')['input_ids'])")
+    try:
+        p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                           cwd=ROOT)
+    finally:
+        server.close()
+        for c in held:
+            c.close()
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "LlamaForCausalLM llama [104, 105]" in p.stdout, p.stdout
+    assert len(held) == 1, f"{len(held)} connections to the unanswering hub (the probe alone should make one)"
