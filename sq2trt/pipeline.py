@@ -453,7 +453,14 @@ class Pipeline:
         self.prepared_model()
         q = self.config.quant
         with self._timed("calibrate_static"):
-            if q.act_clip == "max":
+            if q.act_clip == "max" and not self.scheme.smooth:
+                # a tensor's max |x| is the max of its channels' max |x|: on the unsmoothed model, the per-channel
+                # statistics of `calibrate` (same windows, same Linears) already hold it exactly, no second pass
+                from safetensors.torch import load_file
+
+                channel = load_file(str(self.calibrate()))
+                scales = {k: float(channel[k].max()) for k in self.gemm_names(with_fallback=True)}
+            elif q.act_clip == "max":
                 stats = self._collect("calibrate (static max)", self.gemm_names(with_fallback=True), per_tensor_absmax)
                 scales = {k: float(v) for k, v in stats.items()}
             elif q.act_clip == "auto":

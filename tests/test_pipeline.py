@@ -80,3 +80,20 @@ def test_flags_override_recipe_and_recipes_round_trip(tmp_path):
         dump_recipe(c, tmp_path / path.name)
         assert Config.from_dict(load_recipe(tmp_path / path.name)) == c, path.name
         assert Config.from_dict(c.to_dict()) == c
+
+
+def test_unsmoothed_static_max_scales_come_from_the_per_channel_statistics(tmp_path, calib_text, eval_text):
+    """W8A8 (static per-tensor max, no smoothing) takes its activation scales from the per-channel max |x| that
+    calibration already collected; they equal a second calibration pass's per-tensor max exactly."""
+    from sq2trt.calibrate import collect, per_tensor_absmax
+    from sq2trt.pipeline import Pipeline
+
+    args = build_parser().parse_args(["export", "--model", "random:llama", "--level", "W8A8",
+                                      *tiny_args(calib_text, eval_text, tmp_path)])
+    pipe = Pipeline(config_from_args(args), tmp_path)
+    assert not pipe.scheme.smooth and pipe.config.quant.act_clip == "max"
+    scales = pipe.act_scales()
+    names = pipe.gemm_names(with_fallback=True)
+    direct = collect(pipe.loaded.model, names, pipe._windows("calib"), per_tensor_absmax)
+    assert sorted(scales) == sorted(names) and len(names) > 0
+    assert all(scales[k] == float(direct[k]) for k in names), {k: (scales[k], float(direct[k])) for k in names}
