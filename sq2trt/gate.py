@@ -171,7 +171,8 @@ def report_metrics(report: Mapping[str, Any]) -> dict[str, Any]:
     """The gated numbers of a report: eval.json's perplexity increase when present (PyTorch float
     baseline), else compare.json's (ref.onnx baseline), each with its paired 95% interval where the
     report has one; top-1 agreement from compare.json's paired comparison on the evaluation windows
-    (every evaluation token, Wilson interval), else Polygraphy's on the comparison windows (no interval)."""
+    (every evaluation token, Wilson interval), else Polygraphy's on the comparison windows (no interval);
+    the comparison windows' relative L2 error and each task drop with their intervals where present."""
     ev = report.get("eval") or {}
     cmp = report.get("compare") or {}
     src = ev if "ppl_increase" in ev else cmp

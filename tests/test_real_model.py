@@ -205,13 +205,18 @@ def test_smollm2_copa_engines_choose_as_float(every_level, smollm2):
 
     model_dir, _, _, common = every_level
     copa = data_file("copa/test.jsonl")
+    # the O3 engine the fixture built (calibration, not evaluation settings, make an engine); this test judges
+    # COPA, so the perplexities `evaluate` also reports are taken on one 1,024-token window instead of four
     proc = _sq2trt("evaluate", *common, "--level", "O3", "--calib-num-samples", CALIB[0], "--calib-seq-len", CALIB[1],
-                   "--tasks", "copa", "--task-data", str(copa.parents[1]))
+                   "--eval-max-tokens", "1024", "--tasks", "copa", "--task-data", str(copa.parents[1]))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ev = json.loads((model_dir / "O3" / "eval.json").read_text())
     assert ev["agreement"]["export_check"]["passed"]
     task = ev["tasks"]["copa"]
     assert task["n"] == 100 and task["torch_fp"]["acc"] >= COPA_MIN_FP_ACC, task
+    # the drop's paired interval (Newcombe) holds the drop, from the items the two answer differently
+    pr = task["paired"]["acc"]
+    assert pr["items"] == 100 and pr["lo"] <= task["acc_drop"] <= pr["hi"] < pr["lo"] + 0.3, pr
 
     examples = load_copa(copa)
     tok = load_model(str(smollm2)).tokenizer
