@@ -91,13 +91,14 @@ def logit_diff(references: list[np.ndarray], engines: list[np.ndarray], *, atol:
     ``stats.REL_L2_BLOCK_TOKENS`` positions within each sequence (sq2trt.stats.rel_l2_ci)."""
     from .stats import REL_L2_BLOCK_TOKENS, block_sums, rel_l2_ci
 
-    max_abs = max_ref = abs_sum = 0.0
+    abs_sum = 0.0
     elements = agree = count = 0
-    err_blocks, ref_blocks = [], []
+    maxima, ref_maxima, err_blocks, ref_blocks = [], [], [], []
     for r_raw, e_raw in zip(references, engines):
-        r, e = np.asarray(r_raw, dtype=np.float64), np.asarray(e_raw, dtype=np.float64)
+        r, e = np.atleast_2d(np.asarray(r_raw, dtype=np.float64)), np.atleast_2d(np.asarray(e_raw, dtype=np.float64))
         d = e - r
-        max_abs, max_ref = max(max_abs, float(np.abs(d).max())), max(max_ref, float(np.abs(r).max()))
+        maxima.append(np.abs(d).max())  # np.max below keeps a NaN (Python's max would drop it)
+        ref_maxima.append(np.abs(r).max())
         abs_sum += float(np.abs(d).sum())
         elements += d.size
         agree += int((r.argmax(-1) == e.argmax(-1)).sum())
@@ -106,7 +107,13 @@ def logit_diff(references: list[np.ndarray], engines: list[np.ndarray], *, atol:
         err_blocks.append(block_sums(err_sq, REL_L2_BLOCK_TOKENS)[0])
         ref_blocks.append(block_sums(ref_sq, REL_L2_BLOCK_TOKENS)[0])
     err_b, ref_b = np.concatenate(err_blocks), np.concatenate(ref_blocks)
-    interval = rel_l2_ci(err_b, ref_b) if float(ref_b.sum()) > 0 and np.all(ref_b > 0) else None
+    max_abs, max_ref = float(np.max(maxima)), float(np.max(ref_maxima))
+    interval = None
+    if np.all(ref_b > 0) and np.all(np.isfinite(err_b)):
+        interval = rel_l2_ci(err_b, ref_b)
+    else:
+        log.warning("logits: a block of all-zero or non-finite logits; the relative L2 error has no interval "
+                    "(the gate judges its value alone)")
     return LogitDiff(max_abs=max_abs, mean_abs=abs_sum / max(elements, 1), max_rel=max_abs / max(max_ref, 1e-12),
                      rel_l2=math.sqrt(float(err_b.sum())) / max(math.sqrt(float(ref_b.sum())), 1e-12),
                      top1_agreement=agree / max(count, 1), tokens=count, polygraphy_passed=polygraphy_passed,

@@ -5,7 +5,7 @@ Thresholds (YAML; every key optional, see recipes/thresholds.yaml)::
     max_ppl_increase: 0.05          # engine perplexity / reference perplexity - 1 (paired, with interval)
     min_top1_agreement: 0.875       # argmax agreement with the reference on every evaluation token (interval)
     max_logits_rel_l2: 0.175        # ||engine - ref|| / ||ref|| over the comparison logits (Polygraphy; interval)
-    max_acc_drop: {copa: 0.05}      # float acc - engine acc, per task (absolute, 0.05 = 5 points; paired interval)
+    max_acc_drop: {copa: 0.06}      # float acc - engine acc, per task (absolute; paired interval: 100 items need >= ~0.06)
     max_acc_norm_drop: {copa: 0.05}
 
 A threshold on a metric the report does not contain fails (naming what to run): a gate must not

@@ -198,11 +198,12 @@ def hub_source(spec: str) -> tuple[ModelNotFoundError | None, Path | None]:
 
 
 _CACHE_ONLY: dict[str, bool] = {}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def cache_only(spec: str) -> bool:
     """Whether ``spec`` (a Hugging Face id) must be loaded from the local cache alone: its config.json
-    is cached and the hub is not reachable (HF_HUB_OFFLINE set, or one HEAD request of at most
+    and weights (or their index) are cached and the hub is not reachable (HF_HUB_OFFLINE set, or one HEAD request of at most
     HUB_PROBE_TIMEOUT_S fails). Loaders then pass ``local_files_only=True``: without it,
     transformers asks the hub about every file of a cached model and waits out each request's
     timeout before it falls back to the cache. Probed once per process and id; False for local
@@ -213,8 +214,11 @@ def cache_only(spec: str) -> bool:
     if spec and not spec.startswith("random:") and not spec.endswith(".gguf") and not Path(spec).exists():
         from huggingface_hub import try_to_load_from_cache
 
-        try:
-            cached = isinstance(try_to_load_from_cache(spec, "config.json", cache_dir=hf_cache_dir()), str)
+        def hit(name: str) -> bool:
+            return isinstance(try_to_load_from_cache(spec, name, cache_dir=hf_cache_dir()), str)
+
+        try:  # the config and the weights (a cache that holds config.json alone is left to the normal load)
+            cached = hit("config.json") and any(hit(w) for w in WEIGHT_FILES)
         except ValueError:  # not a valid repo id: the loaders' own errors say so
             cached = False
         if cached:

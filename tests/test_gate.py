@@ -134,6 +134,12 @@ def test_logit_diff_interval_follows_the_positions():
     ci = d.rel_l2_interval
     assert d.rel_l2 == pytest.approx(whole) and d.tokens == 256 and ci["blocks"] == 8
     assert ci["lo"] < d.rel_l2 < ci["hi"] and ci["hi"] - ci["lo"] < 0.02  # uniform error: a tight interval
+    flat = logit_diff([r[0] for r in refs], [e[0] for e in engs], atol=1e-2, rtol=1e-2, polygraphy_passed=False)
+    assert flat.rel_l2 == d.rel_l2 and flat.rel_l2_interval == ci  # (T, vocab) logits: the same blocks
+    bad = [e.copy() for e in engs]
+    bad[1][0, 5, 3] = np.nan
+    nan = logit_diff(refs, bad, atol=1e-2, rtol=1e-2, polygraphy_passed=False)
+    assert math.isnan(nan.max_abs) and math.isnan(nan.rel_l2) and nan.rel_l2_interval is None
     # the error concentrated in a few positions: same kind of value, far wider interval
     engs[0][0, :8] += rng.normal(0, 8, (8, 50))
     wide = logit_diff(refs, engs, atol=1e-2, rtol=1e-2, polygraphy_passed=False).rel_l2_interval
@@ -156,6 +162,10 @@ def test_paired_drop_interval():
     _, l2, u2 = wilson(62, 100)
     unpaired = math.sqrt((0.65 - l1) ** 2 + (u2 - 0.62) ** 2) + math.sqrt((u1 - 0.65) ** 2 + (0.62 - l2) ** 2)
     assert d["hi"] - d["lo"] < 0.5 * unpaired
+    # published examples: Newcombe (1998)'s (1, 1, 7, 12) and Cavo et al. (2012) in R's contingencytables
+    for table, want in (((1, 1, 7, 12), (-0.2857, -0.5069, -0.0256)), ((59, 6, 16, 80), (-0.0621, -0.1186, -0.0046))):
+        got = paired_drop_ci(*_pairs(*table))
+        assert (got["value"], got["lo"], got["hi"]) == pytest.approx(want, abs=1e-4), table
     same = paired_drop_ci(*_pairs(60, 0, 0, 40))  # identical answers: zero drop, but not a zero-width interval
     assert same["value"] == 0 and same["lo"] < 0 < same["hi"]
     # coverage: each item's two answers drawn with a known marginal difference and strong correlation; the
