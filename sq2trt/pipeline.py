@@ -452,13 +452,14 @@ class Pipeline:
             return read_json(path)
         self.prepared_model()
         q = self.config.quant
+        # a tensor's max |x| is the max of its channels' max |x|: on the unsmoothed model, the per-channel
+        # statistics of `calibrate` (same windows, same Linears) already hold it exactly, no second pass
+        channel_stats = self.calibrate() if q.act_clip == "max" and not self.scheme.smooth else None
         with self._timed("calibrate_static"):
-            if q.act_clip == "max" and not self.scheme.smooth:
-                # a tensor's max |x| is the max of its channels' max |x|: on the unsmoothed model, the per-channel
-                # statistics of `calibrate` (same windows, same Linears) already hold it exactly, no second pass
+            if channel_stats is not None:
                 from safetensors.torch import load_file
 
-                channel = load_file(str(self.calibrate()))
+                channel = load_file(str(channel_stats))
                 scales = {k: float(channel[k].max()) for k in self.gemm_names(with_fallback=True)}
             elif q.act_clip == "max":
                 stats = self._collect("calibrate (static max)", self.gemm_names(with_fallback=True), per_tensor_absmax)

@@ -17,6 +17,7 @@ rules of the steps are repeated (diagnose needs a quantizing level, ``--quantize
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import tempfile
@@ -162,7 +163,7 @@ def hub_source(spec: str) -> tuple[ModelNotFoundError | None, Path | None]:
     (HF_ENDPOINT, default huggingface.co) gets one HEAD request of at most HUB_PROBE_TIMEOUT_S: without
     it, transformers retries for ~30 s before failing. Local specs are left to the config read, which
     has its own messages (sq2trt.budget.model_config)."""
-    if not spec or spec.startswith("random:") or spec.endswith(".gguf") or Path(spec).exists():
+    if not _maybe_hub_id(spec):
         return None, None
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
@@ -197,10 +198,15 @@ def hub_source(spec: str) -> tuple[ModelNotFoundError | None, Path | None]:
     return None, None
 
 
-_CACHE_ONLY: dict[str, bool] = {}
+def _maybe_hub_id(spec: str) -> bool:
+    """Not empty, not ``random:``, not a ``.gguf`` file and not an existing path: a Hugging Face id, if anything."""
+    return bool(spec) and not spec.startswith("random:") and not spec.endswith(".gguf") and not Path(spec).exists()
+
+
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+@functools.lru_cache(maxsize=None)
 def cache_only(spec: str) -> bool:
     """Whether ``spec`` (a Hugging Face id) must be loaded from the local cache alone: its config.json
     and weights (or their index) are cached and the hub is not reachable (HF_HUB_OFFLINE set, or one HEAD request of at most
@@ -208,27 +214,23 @@ def cache_only(spec: str) -> bool:
     transformers asks the hub about every file of a cached model and waits out each request's
     timeout before it falls back to the cache. Probed once per process and id; False for local
     paths, GGUF files and ``random:`` models."""
-    if spec in _CACHE_ONLY:
-        return _CACHE_ONLY[spec]
-    answer = False
-    if spec and not spec.startswith("random:") and not spec.endswith(".gguf") and not Path(spec).exists():
-        from huggingface_hub import try_to_load_from_cache
+    if not _maybe_hub_id(spec):
+        return False
+    from huggingface_hub import try_to_load_from_cache
 
-        def hit(name: str) -> bool:
-            return isinstance(try_to_load_from_cache(spec, name, cache_dir=hf_cache_dir()), str)
+    def hit(name: str) -> bool:
+        return isinstance(try_to_load_from_cache(spec, name, cache_dir=hf_cache_dir()), str)
 
-        try:  # the config and the weights (a cache that holds config.json alone is left to the normal load)
-            cached = hit("config.json") and any(hit(w) for w in WEIGHT_FILES)
-        except ValueError:  # not a valid repo id: the loaders' own errors say so
-            cached = False
-        if cached:
-            why = "HF_HUB_OFFLINE is set" if hub_offline() else probe(hub_endpoint())
-            if why is not None:
-                log.info("%s: the hub is not reachable (%s); loading it from the cache (%s) only", spec, why,
-                         hf_cache_dir())
-                answer = True
-    _CACHE_ONLY[spec] = answer
-    return answer
+    try:  # the config and the weights (a cache that holds config.json alone is left to the normal load)
+        if not (hit("config.json") and any(hit(w) for w in WEIGHT_FILES)):
+            return False
+    except ValueError:  # not a valid repo id: the loaders' own errors say so
+        return False
+    why = "HF_HUB_OFFLINE is set" if hub_offline() else probe(hub_endpoint())
+    if why is None:
+        return False
+    log.info("%s: the hub is not reachable (%s); loading it from the cache (%s) only", spec, why, hf_cache_dir())
+    return True
 
 
 def local_only_kwargs(spec: str) -> dict[str, Any]:

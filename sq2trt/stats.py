@@ -201,8 +201,7 @@ def rel_l2_ci(err_sq: Sequence[float], ref_sq: Sequence[float], conf: float = CO
     root (a negative lower end of the squared ratio becomes 0)."""
     e, r = np.asarray(err_sq, np.float64), np.asarray(ref_sq, np.float64)
     sq, lo, hi = ratio_ci(e, r, conf)
-    return {"value": math.sqrt(max(sq, 0.0)), "lo": math.sqrt(max(lo, 0.0)) if math.isfinite(lo) else 0.0,
-            "hi": math.sqrt(hi) if math.isfinite(hi) and hi > 0 else (0.0 if math.isfinite(hi) else math.inf),
+    return {"value": math.sqrt(max(sq, 0.0)), "lo": math.sqrt(max(lo, 0.0)), "hi": math.sqrt(max(hi, 0.0)),
             "confidence": conf, "blocks": int(e.size),
             "method": f"t-interval ({int(e.size) - 1} df) of the squared ratio over blocks of <= "
                       f"{REL_L2_BLOCK_TOKENS} positions (ratio estimator), square root"}

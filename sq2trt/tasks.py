@@ -282,7 +282,7 @@ def score_examples(task: str, examples: Sequence[Example], logits_fn: LogitsFn, 
     lls: list[list[float]] = [[] for _ in examples]
     for e_i, (ll, _) in zip(owner, lls_flat):
         lls[e_i].append(ll)
-    accs = [acc(ll, ex.label) for ll, ex in zip(lls, examples)]
-    norms = [acc_norm(ll, ex.choices, ex.label) for ll, ex in zip(lls, examples)]
+    per_item = item_correct(examples, lls)
+    accs, norms = [float(x) for x in per_item["acc"]], [float(x) for x in per_item["acc_norm"]]
     n = len(examples)
     return TaskResult(task, sum(accs) / n, sum(norms) / n, mean_stderr(accs), mean_stderr(norms), n), lls
