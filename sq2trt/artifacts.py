@@ -113,6 +113,42 @@ def fresh(path: str | os.PathLike, config_hash: str) -> bool:
         return False
 
 
+def share(src: str | os.PathLike, dst: str | os.PathLike, config_hash: str) -> bool:
+    """Put the artifact ``src`` (an ``.onnx`` with its ``.data``, or any single file) at ``dst`` as a
+    hard link, when ``src`` is fresh for ``config_hash``: an identical artifact another level made
+    (the same reference ONNX for every level without smoothing) costs no time and no disk. Files are
+    linked to temporary names and renamed into place the ``.data`` first, then stamped, the protocol of
+    :func:`producing`; a writer replaces a file by renaming a new one over it, which breaks the link,
+    so no later write to one level's copy changes another's. Where the filesystem has no hard links,
+    the files are copied. False (nothing changed) when ``src`` is not fresh."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve() or not fresh(src, config_hash):
+        return False
+    ensure_dir(dst.parent)
+    meta_path(dst).unlink(missing_ok=True)
+    info = {k: v for k, v in read_meta(src).items() if k not in ("config_hash", "sq2trt", "source", "created")}
+    pairs = [(src.with_name(src.name + ".data"), dst.with_name(dst.name + ".data")), (src, dst)]
+    for a, b in pairs:
+        if not a.exists():
+            if a != src:
+                b.unlink(missing_ok=True)  # dst's old .data, which the new .onnx does not use
+            continue
+        tmp = b.with_name(f".tmp-{b.name}.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(a, tmp)
+        except OSError:
+            shutil.copy2(a, tmp)
+        os.replace(tmp, b)
+    if not fresh(src, config_hash):  # src replaced meanwhile: what was linked may be a mix; not vouched for
+        return False
+    stamp(dst, config_hash, **{**info, "shared_from": str(src.parent.name)})
+    log.info("%s: the same artifact as %s (config hash %s), linked", dst, src, config_hash)
+    return True
+
+
 def crash_point(name: str) -> None:
     """Named point where a test can make the process die (``SQ2TRT_CRASH_AT=<name>``): ``raise``
     unless ``SQ2TRT_CRASH_MODE=kill``, which SIGKILLs the process (no cleanup runs, as in a real kill)."""

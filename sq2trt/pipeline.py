@@ -563,7 +563,7 @@ class Pipeline:
 
         model = self.loaded.model
         with self._timed("export"), compute_on(model, "cpu"):  # checked against ORT on the CPU (compute_on)
-            if not fresh(ref, self.h("ref")) or self.force:
+            if (not fresh(ref, self.h("ref")) or self.force) and not self._share("ref.onnx", "ref"):
                 # graph only: tensors the model does not own stay in base.onnx's data until saved
                 write_reference(load_onnx(base, load_external_data=False), model, ref, base_dir=base.parent)
                 err = check_against_torch(model, ref)
@@ -596,6 +596,18 @@ class Pipeline:
             stamp(quant, self.h("quant"), gemms=len(plan), fp_fallback=list(self.fp_fallback()),
                   export_check=check)
         return ref, quant
+
+    def _share(self, name: str, step: str) -> bool:
+        """Link ``name`` from another level of this model whose copy has this level's config hash for
+        ``step`` (artifacts.share): e.g. one reference ONNX for fp and every level without smoothing, one
+        for the smoothed levels of the same alpha. Never with ``--force``."""
+        from .artifacts import share
+
+        if self.force:
+            return False
+        want = self.h(step)
+        return any(share(p, self.path(name), want) for p in sorted(self.model_dir.glob(f"*/{name}"))
+                   if p.parent != self.level_dir)
 
     def _bmm_scales(self, ref: Path) -> dict[str, float]:
         """Static amax of both inputs of every attention BMM, measured through ONNX Runtime on the

@@ -52,6 +52,34 @@ def test_run_writes_every_artifact(tiny_run):
     assert summary.index("| fp |") < summary.index("| O3 |")
 
 
+def test_levels_with_the_same_reference_share_one_file(tiny_run, tmp_path):
+    """fp and W8A8 (no smoothing) have one reference: W8A8's ref.onnx is fp's file, linked, not a second
+    export; O3's smoothed reference is its own. Replacing one level's copy leaves the other intact."""
+    import os
+
+    out, _ = tiny_run
+    model_dir = out / "random-llama"
+    fp, w8, o3 = (model_dir / lv / "ref.onnx" for lv in ("fp", "W8A8", "O3"))
+    assert os.path.samefile(fp, w8) and fp.stat().st_nlink == 2
+    assert not os.path.samefile(fp, o3)
+    shared = read_meta(w8)
+    assert shared["config_hash"] == read_meta(fp)["config_hash"] and shared["shared_from"] in ("fp", "W8A8")
+    assert "shared_from" not in read_meta(o3)
+    # one copy replaced the way every writer replaces a file (artifacts.producing: the stamp removed, a new
+    # file renamed over it): the other keeps its bytes, and the unstamped copy is shared no further
+    from sq2trt.artifacts import producing, share, stamp
+
+    copy = tmp_path / "W8A8" / "ref.onnx"
+    assert share(w8, copy, read_meta(w8)["config_hash"]) and os.path.samefile(copy, w8)
+    before = w8.read_bytes()
+    with producing(copy) as tmp:
+        tmp.write_bytes(b"other")
+    assert w8.read_bytes() == before and copy.read_bytes() == b"other"
+    assert not share(copy, tmp_path / "x.onnx", read_meta(w8)["config_hash"])  # unstamped: not vouched for
+    stamp(copy, "another-hash")
+    assert not share(copy, tmp_path / "x.onnx", read_meta(w8)["config_hash"]) and not (tmp_path / "x.onnx").exists()
+
+
 def test_rerun_reuses_matching_artifacts_only(tiny_run, caplog):
     out, args = tiny_run
     o3 = out / "random-llama" / "O3"
