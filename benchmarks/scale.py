@@ -62,12 +62,17 @@ def main() -> int:
     ap.add_argument("--reuse", action="store_true", help="reuse artifacts whose hash matches (default: rebuild)")
     ap.add_argument("--fp16", action="store_true", help="also time the FP16 TensorRT input (<level>.fp16.onnx)")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
+    ap.add_argument("--until", help="stop each level after this step (e.g. base_onnx: what loading, calibrating "
+                                    "and the base export cost, without building engines)")
     ap.add_argument("--device", default="auto", help="ORT provider / PyTorch device (auto, cpu, cuda)")
     from sq2trt.cli import add_config_flags, config_from_args
 
     add_config_flags(ap)
     ap.add_argument("--out", default="build/scale")
     args = ap.parse_args()
+    steps_known = ("calibrate", "smooth", "act_scales", "base_onnx", "export", "build_ort", "compare", "fp16_onnx")
+    if args.until and args.until not in steps_known:
+        ap.error(f"--until {args.until}: not a step; choose one of {', '.join(steps_known)}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import psutil
@@ -118,6 +123,10 @@ def main() -> int:
             level_peak = max(level_peak, sampler.peak)
             if name in ("calibrate", "base_onnx"):
                 p.force = False  # shared across levels: measured once
+            if name == args.until:
+                break
+        if args.until:
+            continue
         fp16_bytes = 2 * sum(t.numel() for t in p.loaded.model.parameters())
         engine = p.path(f"{level}.ort.onnx")
         ops = json.loads(Path(f"{engine}.meta.json").read_text()).get("ops", {})

@@ -47,15 +47,7 @@ class LogitsOnly(torch.nn.Module):
 def export_reference(model: torch.nn.Module, path: str | os.PathLike, *, opset: int = 21,
                      vocab: int | None = None) -> None:
     """Export ``model`` to ``path`` (input_ids [batch, seq] -> logits [batch, seq, vocab])."""
-    from .archs import ARCHS, arch_name
-    from .errors import UnsupportedArchitectureError
-
-    row = ARCHS.get(arch_name(model))
-    if row is not None and row.export_blocker:
-        raise UnsupportedArchitectureError(
-            f"{arch_name(model)} cannot be exported to ONNX: {row.export_blocker}. Calibration, smoothing "
-            "and PyTorch fake quantization work for it (sq2trt.fakequant.fake_quantized); evaluate the "
-            "levels in PyTorch (benchmarks/levels_smollm2.py shows how), not through an engine.")
+    _check_exportable(model)
     wrapper = LogitsOnly(model).eval()
     vocab = vocab or int(model.config.vocab_size)
     example = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -68,6 +60,126 @@ def export_reference(model: torch.nn.Module, path: str | os.PathLike, *, opset: 
                                     opset_version=opset, dynamo=True, dynamic_shapes={"input_ids": dims},
                                     verbose=False)
     save_onnx(program.model, path)
+
+
+def export_base(model: torch.nn.Module, path: str | os.PathLike, *, opset: int = 21) -> str:
+    """The model's base graph at ``path``, its weights as stored: :func:`trace_reference` (no copy of the
+    weights), or, for a family the weightless trace fails on, :func:`export_reference` of an FP32 CPU
+    copy (logged). Returns which: ``"weightless"`` or ``"fp32-copy"``."""
+    from .onload import fp32_cpu, storage_dtype
+
+    try:
+        trace_reference(model, path, opset=opset)
+        return "weightless"
+    except WeightlessTraceError as exc:
+        log.warning("the weightless trace failed (%s); tracing an FP32 copy of the model instead", exc)
+    path = Path(path)
+    if storage_dtype(model) == torch.float32:
+        with fp32_cpu(model) as m:
+            export_reference(m, path, opset=opset)
+        return "fp32-copy"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-base-", dir=path.parent))
+    try:  # the trace of an FP32 copy, saved with the weights as stored (FP16/BF16)
+        with fp32_cpu(model) as m:
+            export_reference(m, tmp / path.name, opset=opset)
+        write_reference(load_onnx(tmp / path.name, load_external_data=False), model, path, base_dir=tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return "fp32-copy"
+
+
+class WeightlessTraceError(RuntimeError):
+    """The weightless trace left a weight the reference cannot be written from (a family whose graph
+    computes on a weight other than transposing it for a GEMM): the caller traces with the weights."""
+
+
+def trace_reference(model: torch.nn.Module, path: str | os.PathLike, *, opset: int = 21,
+                    vocab: int | None = None) -> None:
+    """:func:`export_reference` without the weights in memory: the dynamo exporter traces ``model``
+    with its parameters on the meta device (``onload.weightless``), the exporter's own optimizer runs
+    on the graph with every weight left unknown, and :func:`write_reference` then streams the weights
+    from the model as stored, one tensor at a time. The one thing the optimizer folds from a weight's
+    values, a weight's transpose for its GEMM (onnxscript folds a ``Transpose`` of a constant that has no
+    other consumer), is folded here by the same rule, so the graph is the one a trace with the weights
+    gives. Raises :class:`WeightlessTraceError` when a weight is left that no model tensor can fill."""
+    vocab = vocab or int(model.config.vocab_size)
+    example = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    dims = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("sequence", min=2, max=65536)}
+    _check_exportable(model)
+    try:
+        proto, unknown = _weightless_graph(model, example, dims, opset)
+    except Exception as exc:  # noqa: BLE001 - any failure of the trace itself: the caller traces with weights
+        raise WeightlessTraceError(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from exc
+    left = unknown - set(_retarget(proto, model))
+    if left:
+        raise WeightlessTraceError(f"{len(left)} weights of the weightless trace have no tensor in the model "
+                                   f"(e.g. {sorted(left)[:3]})")
+    write_reference(proto, model, path)
+
+
+def _weightless_graph(model, example, dims, opset) -> tuple[onnx.ModelProto, set[str]]:
+    """The optimized graph of ``model`` traced weightless, and the names of its shape-only weights."""
+    import warnings
+
+    import onnx_ir as ir
+
+    from .onload import weightless
+
+    with weightless(model) as m, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(LogitsOnly(m).eval(), (example,), None, input_names=[INPUT],
+                                    output_names=[OUTPUT], opset_version=opset, dynamo=True,
+                                    dynamic_shapes={"input_ids": dims}, verbose=False, optimize=False)
+        irm = program.model
+        unknown: dict[str, tuple[ir.DataType, tuple[int, ...]]] = {}
+        for name, v in irm.graph.initializers.items():
+            raw = getattr(v.const_value, "raw", None)
+            if isinstance(raw, torch.Tensor) and raw.device.type == "meta":
+                unknown[name] = (v.const_value.dtype, tuple(raw.shape))
+                v.const_value = None  # the optimizer leaves a value it does not know alone
+        program.optimize()  # what torch.onnx.export(optimize=True) runs
+        irm = program.model
+    # Transpose(weight) -> a transposed weight of its own, when the Transpose is the weight's one consumer
+    for node in list(irm.graph):
+        x = node.inputs[0] if node.op_type == "Transpose" and node.domain == "" and node.inputs else None
+        if x is None or x.name not in unknown or x.const_value is not None or len(x.uses()) != 1:
+            continue
+        perm = node.attributes.get("perm")
+        perm = list(perm.as_ints()) if perm is not None else list(range(len(x.shape)))[::-1]
+        dtype, shape = unknown.pop(x.name)
+        folded = ir.Value(name=f"{x.name}.T", type=ir.TensorType(dtype), shape=ir.Shape([shape[p] for p in perm]))
+        irm.graph.initializers.add(folded)  # a data-less initializer, named after its weight
+        unknown[folded.name] = (dtype, tuple(folded.shape))
+        node.outputs[0].replace_all_uses_with(folded)
+        irm.graph.remove(node, safe=True)
+        irm.graph.initializers.pop(x.name)
+    for name in list(unknown):
+        if name not in irm.graph.initializers:
+            unknown.pop(name)  # optimized away
+    lost = [n for n, v in irm.graph.initializers.items() if v.const_value is None and n not in unknown]
+    if lost:
+        raise RuntimeError(f"the optimizer renamed weights it does not know ({lost[:3]})")
+    # to a graph-only proto: each unknown weight a shape-only tensor, filled by write_reference
+    for name, (dtype, shape) in unknown.items():
+        irm.graph.initializers[name].const_value = ir.tensor(np.zeros(0, dtype=dtype.numpy()))
+    proto = ir.serde.serialize_model(irm)
+    for init in proto.graph.initializer:
+        if init.name in unknown:
+            del init.dims[:]
+            init.dims.extend(unknown[init.name][1])
+    return proto, set(unknown)
+
+
+def _check_exportable(model: torch.nn.Module) -> None:
+    from .archs import ARCHS, arch_name
+    from .errors import UnsupportedArchitectureError
+
+    row = ARCHS.get(arch_name(model))
+    if row is not None and row.export_blocker:
+        raise UnsupportedArchitectureError(
+            f"{arch_name(model)} cannot be exported to ONNX: {row.export_blocker}. Calibration, smoothing "
+            "and PyTorch fake quantization work for it (sq2trt.fakequant.fake_quantized); evaluate the "
+            "levels in PyTorch (benchmarks/levels_smollm2.py shows how), not through an engine.")
 
 
 def check_against_torch(model: torch.nn.Module, onnx_path: str | os.PathLike, shape=(3, 21)) -> float:

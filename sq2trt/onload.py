@@ -327,3 +327,40 @@ def compute_on(model: torch.nn.Module, device: str | torch.device) -> Iterator[t
         return
     with lw.computing_on(device):
         yield model
+
+
+@contextmanager
+def weightless(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` with every parameter replaced by an FP32 one on the meta device and every buffer by an
+    FP32 CPU copy, hook-free, for tracing the graph without the weights (``export.trace_reference``): the
+    trace holds no weight in memory, whatever the model's size. Buffers (rotary tables, masks) are small
+    and real, so the exporter still folds what it computes from them. Tied parameters stay tied.
+    Afterwards every module holds its own tensors again (the same objects)."""
+    lw = active(model)
+    was = lw is not None
+    if was:
+        lw.detach()
+    swapped: list[tuple[dict, str, Any]] = []  # (module._parameters or _buffers, name, original)
+    made: dict[int, Any] = {}
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                for table, buffers in ((module._parameters, False), (module._buffers, True)):
+                    for name, t in list(table.items()):
+                        if t is None:
+                            continue
+                        if id(t) not in made:
+                            if buffers:
+                                made[id(t)] = t.to("cpu", torch.float32) if t.is_floating_point() else t.to("cpu")
+                            else:
+                                made[id(t)] = torch.nn.Parameter(torch.empty(
+                                    t.shape, dtype=torch.float32 if t.is_floating_point() else t.dtype,
+                                    device="meta"), requires_grad=False)
+                        swapped.append((table, name, t))
+                        table[name] = made[id(t)]
+        yield model
+    finally:
+        for table, name, t in reversed(swapped):
+            table[name] = t
+        if was:
+            lw.attach()

@@ -509,35 +509,18 @@ class Pipeline:
         return choice.amax
 
     def base_onnx(self) -> Path:
-        from .export import export_reference
-
         path = self.model_dir / "base.onnx"
         if self._reuse(path, "base"):
             return path
         ensure_dir(self.model_dir)
         self._require_raw_model()
-        from .onload import storage_dtype
-
         with self._timed("export_base"):
-            log.info("exporting %s to ONNX (torch.onnx dynamo exporter; minutes for 100M+ models)", self.name)
-            if storage_dtype(self.loaded.model) == torch.float32:
-                with self._fp32_model() as model:
-                    export_reference(model, path, opset=self.config.opset)
-            else:  # the exporter traces an FP32 copy; the saved graph keeps the weights as stored (FP16/BF16)
-                import shutil
-                import tempfile
+            log.info("exporting %s to ONNX (torch.onnx dynamo exporter, weightless trace; minutes for 100M+ "
+                     "models)", self.name)
+            from .export import export_base
 
-                from .export import load_onnx, write_reference
-
-                tmp = Path(tempfile.mkdtemp(prefix=".tmp-base-", dir=self.model_dir))
-                try:
-                    with self._fp32_model() as model:
-                        export_reference(model, tmp / path.name, opset=self.config.opset)
-                    write_reference(load_onnx(tmp / path.name, load_external_data=False), self.loaded.model, path,
-                                    base_dir=tmp)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-        stamp(path, self.h("base"), opset=self.config.opset, seconds=self.timings["export_base"])
+            how = export_base(self.loaded.model, path, opset=self.config.opset)
+        stamp(path, self.h("base"), opset=self.config.opset, seconds=self.timings["export_base"], trace=how)
         return path
 
     def export(self) -> tuple[Path, Path]:
