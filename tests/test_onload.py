@@ -226,6 +226,29 @@ def test_fp32_cpu_for_the_exporter_is_exact_and_temporary():
     lw.detach()
 
 
+def test_weightless_trace_holds_no_weight_and_gives_the_model_back():
+    """The base export's trace (onload.weightless): every parameter meta and FP32 inside, buffers real FP32,
+    tied parameters still one tensor, no hooks; afterwards the very same tensors, hooks back."""
+    from sq2trt.onload import weightless
+
+    model = _half_model("opt")  # OPT ties lm_head to the embedding
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    params = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    before = _snapshot(model)
+    lw = Layerwise(model, get_arch(model), "cpu").attach()
+    with weightless(model) as m:
+        assert m is model and active(model) is None and not model._forward_pre_hooks
+        assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.float32)}
+        assert all(b.device.type == "cpu" and (b.dtype == torch.float32 or not b.is_floating_point())
+                   for b in model.buffers())
+        assert m.lm_head.weight is m.model.decoder.embed_tokens.weight
+        assert sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta") == 0
+    assert active(model) is lw
+    assert all(p is params[n] for n, p in model.named_parameters(remove_duplicate=False))
+    _assert_unchanged(model, before)
+    lw.detach()
+
+
 def test_a_dropped_model_is_freed_at_once():
     """No reference cycle through the hooks: a pipeline that reloads its model frees the old one
     right away, not at some later garbage collection (a multi-GB model would linger)."""
