@@ -24,7 +24,8 @@ them in one place. Each says where it comes from:
   polygraphy imported is 0.28 GiB RSS (measured); the rest is room for tokenized text, ONNX
   Runtime's arenas and activations.
 - Disk, per artifact, from what each file holds (``sq2trt.pipeline``'s layout): ``base.onnx`` once
-  per model and every level's ``ref.onnx`` are full copies at the weights' stored precision
+  per model and every level's ``ref.onnx`` are full copies at the weights' stored precision (levels
+  without smoothing share one ``ref.onnx``, hard-linked, so it is counted once for them)
   (:func:`stored_bytes`: 2 bytes per parameter for an FP16/BF16 checkpoint, 4 for FP32;
   ``sq2trt.export.write_reference``); a quantizing level's ``<level>.onnx`` stores its GEMM weights at
   the level's bit width (plus FP32 group scales for group-wise levels) and everything else as stored;
@@ -243,10 +244,13 @@ def estimate(config: Any, levels: Sequence[str], artifacts: Sequence[str] = ("on
     sb = stored_bytes(config, cfg)
     if artifacts:
         disk["base.onnx"] = sb * n.total
+    unsmoothed_ref = False
     for level in dict.fromkeys(levels):
         scheme = get_level(level)
-        if "onnx" in artifacts:
+        if "onnx" in artifacts and (scheme.smooth or not unsmoothed_ref):
+            # fp and every level without smoothing share one reference file (hard links: Pipeline._share)
             disk[f"{level}/ref.onnx"] = sb * (n.gemm + other)
+            unsmoothed_ref = unsmoothed_ref or not scheme.smooth
             if scheme.quantizes:
                 disk[f"{level}/{level}.onnx"] = int(_weight_bytes_per_param(scheme, sb) * n.gemm) + sb * other
         if "engine" in artifacts:
