@@ -247,10 +247,11 @@ def estimate(config: Any, levels: Sequence[str], artifacts: Sequence[str] = ("on
     unsmoothed_ref = False
     for level in dict.fromkeys(levels):
         scheme = get_level(level)
-        if "onnx" in artifacts and (scheme.smooth or not unsmoothed_ref):
-            # fp and every level without smoothing share one reference file (hard links: Pipeline._share)
-            disk[f"{level}/ref.onnx"] = sb * (n.gemm + other)
-            unsmoothed_ref = unsmoothed_ref or not scheme.smooth
+        if "onnx" in artifacts:
+            if scheme.smooth or not unsmoothed_ref:
+                # fp and every level without smoothing share one reference file (hard links: Pipeline._share)
+                disk[f"{level}/ref.onnx"] = sb * (n.gemm + other)
+                unsmoothed_ref = unsmoothed_ref or not scheme.smooth
             if scheme.quantizes:
                 disk[f"{level}/{level}.onnx"] = int(_weight_bytes_per_param(scheme, sb) * n.gemm) + sb * other
         if "engine" in artifacts:

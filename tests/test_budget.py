@@ -160,6 +160,7 @@ def test_opt_1_3b_estimate_in_range(tmp_path, no_weights):
     # fp and the levels without smoothing share one ref.onnx (hard links): counted once; smoothed ones each
     shared = budget.estimate(config, ["fp", "W8A8", "W8A8-dyn", "O3", "O1"], ("onnx",))
     assert [k for k in shared.disk if k.endswith("ref.onnx")] == ["fp/ref.onnx", "O3/ref.onnx", "O1/ref.onnx"]
+    assert all(f"{lv}/{lv}.onnx" in shared.disk for lv in ("W8A8", "W8A8-dyn", "O3", "O1"))  # their own Q/DQ graphs
     fallback = budget.estimate(config.replace(quant={"fp_fallback": ["fc2"]}), ["O3"], ("onnx",))
     assert fallback.params.gemm < est.params.gemm and fallback.disk["O3/O3.onnx"] > est.disk["O3/O3.onnx"]
 
