@@ -129,12 +129,8 @@ def share(src: str | os.PathLike, dst: str | os.PathLike, config_hash: str) -> b
     ensure_dir(dst.parent)
     meta_path(dst).unlink(missing_ok=True)
     info = {k: v for k, v in read_meta(src).items() if k not in ("config_hash", "sq2trt", "source", "created")}
-    pairs = [(src.with_name(src.name + ".data"), dst.with_name(dst.name + ".data")), (src, dst)]
-    for a, b in pairs:
-        if not a.exists():
-            if a != src:
-                b.unlink(missing_ok=True)  # dst's old .data, which the new .onnx does not use
-            continue
+
+    def link(a: Path, b: Path) -> None:
         tmp = b.with_name(f".tmp-{b.name}.{os.getpid()}")
         tmp.unlink(missing_ok=True)
         try:
@@ -142,6 +138,13 @@ def share(src: str | os.PathLike, dst: str | os.PathLike, config_hash: str) -> b
         except OSError:
             shutil.copy2(a, tmp)
         os.replace(tmp, b)
+
+    data_src, data_dst = src.with_name(src.name + ".data"), dst.with_name(dst.name + ".data")
+    if data_src.exists():
+        link(data_src, data_dst)
+    else:
+        data_dst.unlink(missing_ok=True)  # dst's old .data, which the new .onnx does not use
+    link(src, dst)
     if not fresh(src, config_hash):  # src replaced meanwhile: what was linked may be a mix; not vouched for
         return False
     stamp(dst, config_hash, **{**info, "shared_from": str(src.parent.name)})

@@ -49,9 +49,7 @@ def export_reference(model: torch.nn.Module, path: str | os.PathLike, *, opset: 
     """Export ``model`` to ``path`` (input_ids [batch, seq] -> logits [batch, seq, vocab])."""
     _check_exportable(model)
     wrapper = LogitsOnly(model).eval()
-    vocab = vocab or int(model.config.vocab_size)
-    example = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
-    dims = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("sequence", min=2, max=65536)}
+    example, dims = _trace_inputs(model, vocab)
     import warnings
 
     with warnings.catch_warnings():
@@ -102,19 +100,24 @@ def trace_reference(model: torch.nn.Module, path: str | os.PathLike, *, opset: i
     values, a weight's transpose for its GEMM (onnxscript folds a ``Transpose`` of a constant that has no
     other consumer), is folded here by the same rule, so the graph is the one a trace with the weights
     gives. Raises :class:`WeightlessTraceError` when a weight is left that no model tensor can fill."""
-    vocab = vocab or int(model.config.vocab_size)
-    example = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
-    dims = {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("sequence", min=2, max=65536)}
     _check_exportable(model)
     try:
-        proto, unknown = _weightless_graph(model, example, dims, opset)
+        proto, unknown = _weightless_graph(model, *_trace_inputs(model, vocab), opset)
     except Exception as exc:  # noqa: BLE001 - any failure of the trace itself: the caller traces with weights
-        raise WeightlessTraceError(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from exc
-    left = unknown - set(_retarget(proto, model))
-    if left:
-        raise WeightlessTraceError(f"{len(left)} weights of the weightless trace have no tensor in the model "
-                                   f"(e.g. {sorted(left)[:3]})")
-    write_reference(proto, model, path)
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise WeightlessTraceError(f"{type(exc).__name__}: {first}") from exc
+    try:  # refused before anything is written when a weight has no tensor in the model
+        write_reference(proto, model, path, needed=unknown)
+    except MissingWeightsError as exc:
+        raise WeightlessTraceError(str(exc)) from exc
+
+
+def _trace_inputs(model: torch.nn.Module, vocab: int | None) -> tuple[torch.Tensor, dict[int, Any]]:
+    """The exporter's example input_ids (2 x 16) and dynamic batch / sequence axes."""
+    vocab = vocab or int(model.config.vocab_size)
+    example = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    return example, {0: torch.export.Dim("batch", min=1, max=1024),
+                     1: torch.export.Dim("sequence", min=2, max=65536)}
 
 
 def _weightless_graph(model, example, dims, opset) -> tuple[onnx.ModelProto, set[str]]:
@@ -130,9 +133,8 @@ def _weightless_graph(model, example, dims, opset) -> tuple[onnx.ModelProto, set
         program = torch.onnx.export(LogitsOnly(m).eval(), (example,), None, input_names=[INPUT],
                                     output_names=[OUTPUT], opset_version=opset, dynamo=True,
                                     dynamic_shapes={"input_ids": dims}, verbose=False, optimize=False)
-        irm = program.model
         unknown: dict[str, tuple[ir.DataType, tuple[int, ...]]] = {}
-        for name, v in irm.graph.initializers.items():
+        for name, v in program.model.graph.initializers.items():
             raw = getattr(v.const_value, "raw", None)
             if isinstance(raw, torch.Tensor) and raw.device.type == "meta":
                 unknown[name] = (v.const_value.dtype, tuple(raw.shape))
@@ -468,8 +470,12 @@ def _ir_tensor(t: torch.Tensor):
     return ir.tensor(t.contiguous().numpy())
 
 
+class MissingWeightsError(OnnxInputError):
+    """Weights the graph needs (stored-dtype or shape-only initializers) that no tensor of the model fills."""
+
+
 def write_reference(base: onnx.ModelProto, model: torch.nn.Module, path: str | os.PathLike, *,
-                    base_dir: str | os.PathLike | None = None) -> None:
+                    base_dir: str | os.PathLike | None = None, needed: set[str] = frozenset()) -> None:
     """Save ``base``'s graph carrying ``model``'s current weights to ``path``, streamed: each weight
     is read (and transposed, for GEMMs) only when the writer reaches it, written to the external data
     file and dropped, so peak memory is one tensor, whatever the model's size. ``base`` may be
@@ -479,16 +485,18 @@ def write_reference(base: onnx.ModelProto, model: torch.nn.Module, path: str | o
     it is stored, followed by a ``Cast`` to float32 (its initializer named ``<name>__stored``): the
     same float32 values at half the bytes on disk; ONNX Runtime folds the Cast when it loads the
     graph, TensorRT at build time. Float32 weights are written as they are (the graph is then the
-    one :func:`refresh_weights` makes). Callers must verify the result (:func:`check_against_torch`)."""
+    one :func:`refresh_weights` makes). ``needed`` names initializers ``base`` holds no data for (a
+    weightless trace's weights): one the model has no tensor for raises :class:`MissingWeightsError`
+    before anything is written. Callers must verify the result (:func:`check_against_torch`)."""
     import onnx_ir as ir
 
     out = onnx.ModelProto()
     out.CopyFrom(base)  # the graph (``base`` read with load_external_data=False): small
     unstored = _unstore(out)
     sources = _retarget(out, model)
-    missing = unstored - set(sources)
+    missing = (unstored | set(needed)) - set(sources)  # ``needed``: initializers ``base`` holds no data for
     if missing:
-        raise OnnxInputError(f"{sorted(missing)[:3]} (of {len(missing)}) have no tensor in the model: the base "
+        raise MissingWeightsError(f"{sorted(missing)[:3]} (of {len(missing)}) have no tensor in the model: the base "
                              "export is from another model")
     low = {name: _LOW[dtype] for name, (dtype, _) in sources.items() if dtype in _LOW}  # kept as stored
     casts = []

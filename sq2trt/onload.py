@@ -340,24 +340,25 @@ def weightless(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     was = lw is not None
     if was:
         lw.detach()
+    def stand_in(t: torch.Tensor, buffer: bool) -> torch.Tensor:
+        dtype = torch.float32 if t.is_floating_point() else t.dtype
+        if buffer:
+            return t.to("cpu", dtype)
+        return torch.nn.Parameter(torch.empty(t.shape, dtype=dtype, device="meta"), requires_grad=False)
+
     swapped: list[tuple[dict, str, Any]] = []  # (module._parameters or _buffers, name, original)
-    made: dict[int, Any] = {}
+    made: dict[int, torch.Tensor] = {}  # by id: a tied tensor gets one stand-in
+    tables = [(table, table is m._buffers) for m in model.modules() for table in (m._parameters, m._buffers)]
     try:
         with torch.no_grad():
-            for module in model.modules():
-                for table, buffers in ((module._parameters, False), (module._buffers, True)):
-                    for name, t in list(table.items()):
-                        if t is None:
-                            continue
-                        if id(t) not in made:
-                            if buffers:
-                                made[id(t)] = t.to("cpu", torch.float32) if t.is_floating_point() else t.to("cpu")
-                            else:
-                                made[id(t)] = torch.nn.Parameter(torch.empty(
-                                    t.shape, dtype=torch.float32 if t.is_floating_point() else t.dtype,
-                                    device="meta"), requires_grad=False)
-                        swapped.append((table, name, t))
-                        table[name] = made[id(t)]
+            for table, buffer in tables:
+                for name, t in list(table.items()):
+                    if t is None:
+                        continue
+                    if id(t) not in made:
+                        made[id(t)] = stand_in(t, buffer)
+                    swapped.append((table, name, t))
+                    table[name] = made[id(t)]
         yield model
     finally:
         for table, name, t in reversed(swapped):
